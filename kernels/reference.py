@@ -1,0 +1,123 @@
+"""The specification: plain NumPy versions of the four hot kernels.
+
+These are slow but obviously right. Every fast kernel (``kernels/cpu.py`` on
+Numba, ``kernels/gpu.py`` on CUDA) has exactly the same signature and is tested
+against the function of the same name here.
+
+Layouts (NCHW throughout)
+-------------------------
+im2col turns an input ``x`` of shape (N, C, H, W) into a matrix ``cols`` of
+shape (N * OH * OW, C * KH * KW): one row per output pixel ``(n, oh, ow)``
+(row-major), one column per weight ``(c, kh, kw)`` (row-major), so that a
+convolution is one matrix product ``cols @ W.reshape(F, -1).T``.
+Zero padding ``pad`` is added on every side; the window moves by ``stride``.
+
+Max pooling keeps, for every output pixel, the flat position ``kh * KW + kw``
+of the maximum inside its window (the first one on ties); the backward pass
+sends each incoming gradient back to that position.
+"""
+import numpy as np
+
+
+def output_size(size, k, stride, pad):
+    """Number of window positions along one axis: (size + 2 pad - k) // stride + 1."""
+    return (size + 2 * pad - k) // stride + 1
+
+
+# ===== im2col / col2im =====
+
+def im2col(x, KH, KW, stride, pad):
+    """Unfold every KHxKW window of ``x`` into one row.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) array
+    KH, KW : int, window size
+    stride, pad : int
+
+    Returns
+    -------
+    cols : (N * OH * OW, C * KH * KW) array, same dtype as x
+    """
+    N, C, H, W = x.shape
+    OH, OW = output_size(H, KH, stride, pad), output_size(W, KW, stride, pad)
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    cols = np.empty((N, OH, OW, C, KH, KW), dtype=x.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            # every output pixel's (kh, kw) tap, for all of them at once
+            window = xp[:, :, kh:kh + stride * OH:stride, kw:kw + stride * OW:stride]
+            cols[:, :, :, :, kh, kw] = window.transpose(0, 2, 3, 1)
+    return cols.reshape(N * OH * OW, C * KH * KW)
+
+
+def col2im(cols, x_shape, KH, KW, stride, pad):
+    """Adjoint of im2col: add every column entry back onto the pixel it came from.
+
+    Parameters
+    ----------
+    cols : (N * OH * OW, C * KH * KW) array
+    x_shape : (N, C, H, W), the shape of the image im2col unfolded
+
+    Returns
+    -------
+    x : (N, C, H, W) array; a pixel covered by several windows gets their sum
+    """
+    N, C, H, W = x_shape
+    OH, OW = output_size(H, KH, stride, pad), output_size(W, KW, stride, pad)
+    c6 = cols.reshape(N, OH, OW, C, KH, KW)
+    xp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=cols.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            xp[:, :, kh:kh + stride * OH:stride, kw:kw + stride * OW:stride] += \
+                c6[:, :, :, :, kh, kw].transpose(0, 3, 1, 2)
+    return xp[:, :, pad:pad + H, pad:pad + W]
+
+
+# ===== max pooling =====
+
+def maxpool_forward(x, KH, KW, stride):
+    """Maximum over each KHxKW window (no padding).
+
+    Parameters
+    ----------
+    x : (N, C, H, W) array
+
+    Returns
+    -------
+    y : (N, C, OH, OW) array, the window maxima
+    argmax : (N, C, OH, OW) int64, flat position kh * KW + kw of the maximum
+        inside its window; the first (lowest) position wins a tie
+    """
+    N, C, H, W = x.shape
+    OH, OW = output_size(H, KH, stride, 0), output_size(W, KW, stride, 0)
+    windows = np.empty((N, C, OH, OW, KH * KW), dtype=x.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            windows[..., kh * KW + kw] = x[:, :, kh:kh + stride * OH:stride, kw:kw + stride * OW:stride]
+    argmax = windows.argmax(axis=-1)  # np.argmax returns the first maximum
+    y = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    return y, argmax.astype(np.int64)
+
+
+def maxpool_backward(dy, argmax, x_shape, KH, KW, stride):
+    """Route each dy to the input pixel that won its window.
+
+    Parameters
+    ----------
+    dy : (N, C, OH, OW) array, gradient w.r.t. the pooled output
+    argmax : (N, C, OH, OW) int array from maxpool_forward
+    x_shape : (N, C, H, W)
+
+    Returns
+    -------
+    dx : (N, C, H, W) array; overlapping windows add up
+    """
+    N, C, H, W = x_shape
+    _, _, OH, OW = dy.shape
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            won = (argmax == kh * KW + kw)
+            dx[:, :, kh:kh + stride * OH:stride, kw:kw + stride * OW:stride] += np.where(won, dy, 0)
+    return dx

@@ -1,0 +1,230 @@
+"""Pure forward/backward pairs, one banner per operation.
+
+Every operation is a pair in the style of a lecture note::
+
+    y, cache = op_forward(x, ...)      # keeps what backward needs, by name
+    dx, ... = op_backward(dy, cache)   # gradient of a scalar L w.r.t. the inputs
+
+``dy`` is dL/dy and is never modified. The derivative sits right below the
+forward maths it differentiates. All functions work on NumPy and CuPy arrays
+alike: the array module ``xp`` is taken from the data, and the hot loops
+(im2col, col2im, max pooling) come from the kernel registry in ``kernels``.
+"""
+import kernels
+
+from .backend import get_array_module
+
+
+# ===== dense (fully connected) =====
+
+def dense_forward(x, W, b):
+    """y = x @ W + b.
+
+    Parameters
+    ----------
+    x : (N, D) input
+    W : (D, M) weights, so that each output unit is a column
+    b : (M,) bias
+
+    Returns
+    -------
+    y : (N, M); cache : dict(x, W)
+
+    Local derivative: dy/dx = W^T, dy/dW = x^T, dy/db = 1.
+    """
+    y = x @ W + b
+    return y, {"x": x, "W": W}
+
+
+def dense_backward(dy, cache):
+    """Gradients of y = x @ W + b.
+
+    Returns
+    -------
+    dx : (N, D) = dy @ W^T;  dW : (D, M) = x^T @ dy;  db : (M,) = sum of dy over the batch
+    """
+    x, W = cache["x"], cache["W"]
+    dx = dy @ W.T
+    dW = x.T @ dy
+    db = dy.sum(axis=0)
+    return dx, dW, db
+
+
+# ===== 2-D convolution (via im2col) =====
+
+def conv2d_forward(x, W, b, stride=1, pad=0):
+    """Cross-correlation of x with F filters, as one matrix product.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) images
+    W : (F, C, KH, KW) filters
+    b : (F,) bias
+    stride, pad : int; zero padding on every side
+
+    Returns
+    -------
+    y : (N, F, OH, OW), with OH = (H + 2 pad - KH) // stride + 1 (same for OW)
+    cache : dict(x_shape, cols, W, stride, pad)
+
+    Local derivative: y is linear in x and in W; backward is the same product
+    transposed (dW = dy^T cols, dcols = dy W, dx = col2im(dcols)).
+    """
+    xp = get_array_module(x)
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    cols = kernels.get("im2col", xp)(x, KH, KW, stride, pad)       # (N*OH*OW, C*KH*KW)
+    OH = (H + 2 * pad - KH) // stride + 1
+    OW = (Wd + 2 * pad - KW) // stride + 1
+    y = cols @ W.reshape(F, -1).T + b                                # (N*OH*OW, F)
+    y = y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2)                 # back to NCHW
+    cache = {"x_shape": x.shape, "cols": cols, "W": W, "stride": stride, "pad": pad}
+    return xp.ascontiguousarray(y), cache
+
+
+def conv2d_backward(dy, cache):
+    """Gradients of conv2d_forward.
+
+    Parameters
+    ----------
+    dy : (N, F, OH, OW)
+
+    Returns
+    -------
+    dx : (N, C, H, W); dW : (F, C, KH, KW); db : (F,)
+    """
+    xp = get_array_module(dy)
+    W, cols = cache["W"], cache["cols"]
+    F, C, KH, KW = W.shape
+    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)                    # (N*OH*OW, F), rows as in cols
+    dW = (dy2.T @ cols).reshape(W.shape)
+    db = dy2.sum(axis=0)
+    dcols = dy2 @ W.reshape(F, -1)                                   # (N*OH*OW, C*KH*KW)
+    dx = kernels.get("col2im", xp)(dcols, cache["x_shape"], KH, KW, cache["stride"], cache["pad"])
+    return dx, dW, db
+
+
+# ===== max pooling =====
+
+def maxpool_forward(x, KH=2, KW=2, stride=2):
+    """Maximum over each KHxKW window, moving by stride (no padding).
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+
+    Returns
+    -------
+    y : (N, C, OH, OW); cache : dict(argmax, x_shape, KH, KW, stride)
+
+    Local derivative: 1 for the window's winning pixel, 0 for the others.
+    """
+    xp = get_array_module(x)
+    y, argmax = kernels.get("maxpool_forward", xp)(x, KH, KW, stride)
+    return y, {"argmax": argmax, "x_shape": x.shape, "KH": KH, "KW": KW, "stride": stride}
+
+
+def maxpool_backward(dy, cache):
+    """dx: each dy goes back to the pixel that won its window (sums where windows overlap)."""
+    xp = get_array_module(dy)
+    return kernels.get("maxpool_backward", xp)(
+        dy, cache["argmax"], cache["x_shape"], cache["KH"], cache["KW"], cache["stride"])
+
+
+# ===== ReLU =====
+
+def relu_forward(x):
+    """y = max(x, 0). Local derivative: 1 where x > 0, else 0."""
+    xp = get_array_module(x)
+    y = xp.maximum(x, 0)
+    return y, {"positive": x > 0}
+
+
+def relu_backward(dy, cache):
+    """dx = dy where the input was positive, 0 elsewhere."""
+    return dy * cache["positive"]
+
+
+# ===== flatten =====
+
+def flatten_forward(x):
+    """(N, ...) -> (N, D). Local derivative: identity, reshaped."""
+    return x.reshape(x.shape[0], -1), {"x_shape": x.shape}
+
+
+def flatten_backward(dy, cache):
+    """dx = dy reshaped back to the input's shape."""
+    return dy.reshape(cache["x_shape"])
+
+
+# ===== dropout (inverted) =====
+
+def dropout_forward(x, rate, rng):
+    """Zero each unit with probability ``rate`` and scale the survivors by 1 / (1 - rate),
+    so that the expected activation is unchanged and evaluation needs no rescaling.
+
+    Parameters
+    ----------
+    x : any shape
+    rate : float in [0, 1)
+    rng : a Generator of x's array module (numpy.random.Generator or cupy's)
+
+    Local derivative: the same mask, mask = keep / (1 - rate).
+    """
+    keep = rng.random(x.shape, dtype=x.dtype) >= rate
+    mask = keep.astype(x.dtype) / x.dtype.type(1.0 - rate)
+    return x * mask, {"mask": mask}
+
+
+def dropout_backward(dy, cache):
+    """dx = dy * mask."""
+    return dy * cache["mask"]
+
+
+# ===== softmax at temperature T =====
+
+def softmax_forward(z, T=1.0):
+    """p = softmax(z / T) over the last axis.
+
+    Parameters
+    ----------
+    z : (N, K) logits
+    T : float > 0, the temperature
+
+    Returns
+    -------
+    p : (N, K); cache : dict(p, T)
+
+    Local derivative: dp_i/dz_j = p_i (delta_ij - p_j) / T.
+    A large T during training makes the network learn logits about T times
+    larger; evaluated at T = 1 those logits saturate p to exactly 1.0 in float32,
+    and the factor p_i (delta_ij - p_j) above becomes about exp(-margin).
+    """
+    xp = get_array_module(z)
+    s = z / T                                    # the temperature: divide the logits by T
+    s = s - s.max(axis=-1, keepdims=True)        # stability shift; softmax is shift-invariant
+    e = xp.exp(s)
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p, {"p": p, "T": T}
+
+
+def softmax_backward(dp, cache):
+    """dz = p * (dp - sum_j p_j dp_j) / T.
+
+    This is exactly what every framework computes (and what an attacker who
+    differentiates the deployed probabilities gets). Where p rounds to 1.0, the
+    bracket cancels to exactly 0 in floating point: that cancellation *is* the
+    float32 gradient masking the project studies.
+    """
+    p, T = cache["p"], cache["T"]
+    dz = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    dz = dz / T                                  # the temperature: chain rule through z / T
+    return dz
+
+
+def log_softmax(z, T=1.0):
+    """log softmax(z / T), computed stably as s - logsumexp(s) with s = z / T."""
+    xp = get_array_module(z)
+    s = z / T                                    # the temperature
+    s = s - s.max(axis=-1, keepdims=True)
+    return s - xp.log(xp.exp(s).sum(axis=-1, keepdims=True))
