@@ -1,0 +1,115 @@
+"""Every fast kernel against its plain reference (kernels/reference.py).
+
+im2col and max pooling are copies and comparisons, so they must match
+exactly; col2im adds floating-point numbers in another order, so it gets a
+tight tolerance. The GPU implementation runs through the same tests where a
+CUDA device is present and is skipped with the reason otherwise.
+"""
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference
+from scratchnet.backend import gpu_available, to_numpy
+
+# (N, C, H, W, KH, KW, stride, pad): odd sizes, non-square kernels, strides > 1,
+# paddings up to the kernel size, windows that do not tile the image exactly
+CONV_CASES = [
+    (1, 1, 5, 5, 3, 3, 1, 0),
+    (2, 3, 7, 6, 3, 2, 1, 1),
+    (3, 2, 9, 11, 3, 3, 2, 1),
+    (2, 5, 8, 7, 2, 3, 3, 2),
+    (1, 4, 6, 6, 5, 5, 1, 2),
+    (2, 1, 28, 28, 3, 3, 1, 0),
+]
+POOL_CASES = [
+    (2, 3, 8, 8, 2, 2, 2),
+    (1, 2, 7, 9, 2, 2, 2),      # odd size: last row/column never pooled
+    (2, 2, 7, 7, 3, 3, 2),      # overlapping windows
+    (1, 3, 6, 5, 2, 3, 1),
+    (3, 1, 9, 9, 3, 3, 3),
+]
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def impl(request):
+    if request.param == "gpu":
+        ok, reason = gpu_available()
+        if not ok:
+            pytest.skip(f"GPU kernels not testable here: {reason}")
+        import cupy
+        return "gpu", cupy
+    return "cpu", np
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_im2col_col2im_match_reference(impl, case, dtype):
+    name, xp = impl
+    N, C, H, W, KH, KW, stride, pad = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    want = reference.im2col(x, KH, KW, stride, pad)
+    got = kernels.get("im2col", impl=name)(xp.asarray(x), KH, KW, stride, pad)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(to_numpy(got), want)
+
+    cols = rng.standard_normal(want.shape).astype(dtype)
+    want_x = reference.col2im(cols, x.shape, KH, KW, stride, pad)
+    got_x = kernels.get("col2im", impl=name)(xp.asarray(cols), x.shape, KH, KW, stride, pad)
+    assert got_x.shape == x.shape and got_x.dtype == dtype
+    np.testing.assert_allclose(to_numpy(got_x), want_x, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_col2im_is_the_adjoint_of_im2col(case):
+    """<im2col(x), c> == <x, col2im(c)>: the property that makes col2im the right backward."""
+    N, C, H, W, KH, KW, stride, pad = case
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((N, C, H, W))
+    for name in ("reference", "cpu"):
+        cols = kernels.get("im2col", impl=name)(x, KH, KW, stride, pad)
+        c = rng.standard_normal(cols.shape)
+        lhs = np.sum(cols * c)
+        rhs = np.sum(x * kernels.get("col2im", impl=name)(c, x.shape, KH, KW, stride, pad))
+        assert abs(lhs - rhs) < 1e-10 * max(1, abs(lhs)), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_maxpool_matches_reference(impl, case, dtype):
+    name, xp = impl
+    N, C, H, W, KH, KW, stride = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    want_y, want_arg = reference.maxpool_forward(x, KH, KW, stride)
+    got_y, got_arg = kernels.get("maxpool_forward", impl=name)(xp.asarray(x), KH, KW, stride)
+    np.testing.assert_array_equal(to_numpy(got_y), want_y)
+    np.testing.assert_array_equal(to_numpy(got_arg), want_arg)
+
+    dy = rng.standard_normal(want_y.shape).astype(dtype)
+    want_dx = reference.maxpool_backward(dy, want_arg, x.shape, KH, KW, stride)
+    got_dx = kernels.get("maxpool_backward", impl=name)(xp.asarray(dy), xp.asarray(want_arg), x.shape, KH, KW, stride)
+    np.testing.assert_allclose(to_numpy(got_dx), want_dx, rtol=1e-6, atol=1e-7)
+
+
+def test_maxpool_ties_pick_the_first_position(impl):
+    name, xp = impl
+    x = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = 5.0          # a tie inside the first window
+    for fn in (reference.maxpool_forward, kernels.get("maxpool_forward", impl=name)):
+        y, arg = fn(xp.asarray(x), 2, 2, 2)
+        assert int(to_numpy(arg)[0, 0, 0, 0]) == 1    # position (0, 1) comes before (1, 0)
+        assert float(to_numpy(y)[0, 0, 0, 0]) == 5.0
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.get("conv3d")
+    with pytest.raises(ValueError, match="unknown kernel implementation"):
+        kernels.get("im2col", impl="tpu")
+
+
+def test_registry_picks_cpu_for_numpy():
+    from kernels import cpu
+    assert kernels.get("im2col", np) is cpu.im2col
