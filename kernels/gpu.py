@@ -51,7 +51,7 @@ def _kernel(source, name, dtype, who):
 def _launch(kernel, total, args):
     """Run ``kernel`` with one thread per output element (``total`` of them)."""
     if total == 0:
-        return  # nothing to compute, and CUDA refuses a launch with zero blocks
+        return  # nothing to compute, and a grid of zero blocks is not a valid CUDA launch
     blocks = min((total + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK, _MAX_BLOCKS)
     # Python ints reach the kernel as long long, the type of its size arguments
     kernel((blocks,), (_THREADS_PER_BLOCK,), args)
