@@ -97,8 +97,8 @@ def test_maxpool_ties_pick_the_first_position(impl):
     name, xp = impl
     x = np.zeros((1, 1, 4, 4), dtype=np.float32)
     x[0, 0, 0, 1] = x[0, 0, 1, 0] = 5.0          # a tie inside the first window
-    for fn in (reference.maxpool_forward, kernels.get("maxpool_forward", impl=name)):
-        y, arg = fn(xp.asarray(x), 2, 2, 2)
+    for fn, x_in in ((reference.maxpool_forward, x), (kernels.get("maxpool_forward", impl=name), xp.asarray(x))):
+        y, arg = fn(x_in, 2, 2, 2)
         assert int(to_numpy(arg)[0, 0, 0, 0]) == 1    # position (0, 1) comes before (1, 0)
         assert float(to_numpy(y)[0, 0, 0, 0]) == 5.0
 
