@@ -1,0 +1,215 @@
+"""Why did the gradient vanish? Per-image diagnostics of gradient masking.
+
+For each image, ``gradient_diagnostics`` measures the input gradient twice:
+
+* **as deployed** (the model's float32): what an attacker actually gets --
+  its L1 / L2 / Linf norms, the fraction of entries that are *exactly* zero,
+  whether the whole gradient is zero, and whether the top probability is
+  exactly 1.0 (the softmax saturated);
+* **its true size** (float64 and log space, see ``gradients``): magnitudes far
+  below what float32 (about 1e-45) or even float64 (about 1e-308) can hold.
+
+Beside them it reports *why*: the logit margin M (top minus runner-up, of the
+logits divided by T) and the suppression it predicts. Every gradient through
+the softmax carries a factor p_i (delta_ij - p_j); for a confident image that
+is about exp(-M), i.e. log10 factor = -M / ln 10 (``log10_factor_predicted``),
+next to the exact log10(1 - p_top) (``log10_factor_measured``).
+
+Summaries (``summarize``): at a high T most correct images have an exactly
+zero float32 gradient, and the few unsaturated ones have *larger* gradients
+than at T = 1. A plain mean is dominated by those few and can show no
+suppression at all; report the fraction of zeros, the median and the geometric
+mean (mean of log10), over correct and misclassified images separately. The
+plain mean is included only to show that pitfall.
+"""
+import math
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import functional as F
+from ..backend import to_numpy
+from .common import batches
+from .gradients import (LN10, check_T, float64_copy, jacobian, log10_loss_grad_norms,
+                        log10_probs_jacobian_norms, loss_gradient)
+
+
+def _norms(g):
+    """L1, L2, Linf per image of a float32 gradient, computed in float64 (squares
+    of 1e-25 would underflow in float32), plus exact-zero counts."""
+    g = to_numpy(g).reshape(len(g), -1)
+    zero = g == 0
+    a = np.abs(g.astype(np.float64))
+    return {"l1": a.sum(axis=1), "l2": np.sqrt((a * a).sum(axis=1)), "linf": a.max(axis=1),
+            "zero_frac": zero.mean(axis=1), "all_zero": zero.all(axis=1)}
+
+
+def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, progress=False):
+    """Per-image gradient-masking diagnostics, as a dict of NumPy arrays (N,).
+
+    Parameters
+    ----------
+    model : Sequential (as deployed, normally float32)
+    x : (N, C, H, W) images in [0, 1]
+    labels : (N,) int true classes
+    T : float > 0, the softmax temperature the gradients are taken at: 1 for
+        the deployed model, T_train for Carlini and Wagner's rescaling
+    probs : also measure the probability Jacobian (K more backward passes)
+
+    Returns
+    -------
+    dict with, per image:
+
+    ``label, pred, correct``
+    ``top_prob`` (float32 as deployed), ``saturated`` (top_prob == 1.0 exactly)
+    ``margin``: (z_top - z_runner-up) / T, from float64 logits
+    ``log10_factor_predicted`` = -margin / ln 10; ``log10_factor_measured`` = log10(1 - p_top)
+    ``loss_l1, loss_l2, loss_linf``: norms of d CE / dx in the model's dtype
+    ``loss_zero_frac, loss_all_zero``: exact zeros in the model's dtype
+    ``loss_log10_l1, loss_log10_l2, loss_log10_linf``: true log10 norms (float64, log space)
+    ``loss_log10_factor``: log10 of the softmax factor max_j |p_j - t_j|
+    and the same ``probs_*`` for the whole probability Jacobian d softmax(z / T) / dx
+    (all K rows), plus ``T`` (a float).
+    """
+    T = check_T(T)
+    xp = model.xp
+    x = xp.asarray(to_numpy(x), dtype=model.dtype)
+    labels = xp.asarray(to_numpy(labels).astype(np.int64))
+    model64 = float64_copy(model)
+    parts = []
+    for sl in tqdm(batches(len(x), batch_size), desc="gradient diagnostics", disable=not progress):
+        xb, yb = x[sl], labels[sl]
+        out = {}
+        # --- as deployed (the model's own dtype) ---
+        g, z = loss_gradient(model, xb, yb, T)
+        p, _ = F.softmax_forward(z, T)
+        out["pred"] = to_numpy(z.argmax(axis=1))
+        out["top_prob"] = to_numpy(p.max(axis=1))
+        out.update({f"loss_{k}": v for k, v in _norms(g).items()})
+        if probs:
+            J, _ = jacobian(model, xb, "probs", T)
+            out.update({f"probs_{k}": v for k, v in _norms(J).items()})
+        # --- true magnitudes (float64, log space) ---
+        true = log10_loss_grad_norms(model64, xb, yb, T)
+        for k in ("l1", "l2", "linf"):
+            out[f"loss_log10_{k}"] = to_numpy(true[k])
+        out["loss_log10_factor"] = to_numpy(true["log10_factor"])
+        s = to_numpy(true["logits"]) / T                        # the temperature
+        top2 = np.sort(s, axis=1)[:, -2:]
+        out["margin"] = top2[:, 1] - top2[:, 0]
+        logp = s - s.max(axis=1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        top = logp.argmax(axis=1)
+        rest = np.where(np.arange(logp.shape[1]) == top[:, None], -np.inf, logp)
+        mx = rest.max(axis=1, keepdims=True)
+        out["log10_factor_measured"] = ((mx[:, 0] + np.log(np.exp(rest - mx).sum(axis=1))) / LN10)
+        if probs:
+            tj = log10_probs_jacobian_norms(model64, xb, T)
+            for k in ("l1", "l2", "linf"):
+                out[f"probs_log10_{k}"] = to_numpy(tj[k])
+        parts.append(out)
+    diag = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} if parts else {}
+    diag["label"] = to_numpy(labels)
+    diag["correct"] = diag["pred"] == diag["label"]
+    diag["saturated"] = diag["top_prob"] == 1.0
+    diag["log10_factor_predicted"] = -diag["margin"] / LN10
+    diag["T"] = T
+    return diag
+
+
+# ===== summaries =====
+
+def _log10(values):
+    with np.errstate(divide="ignore"):
+        return np.log10(np.asarray(values, dtype=np.float64))
+
+
+def summarize(values, mask=None, log10=False):
+    """Distribution summary of positive magnitudes (e.g. gradient norms).
+
+    Parameters
+    ----------
+    values : (N,) magnitudes, or their log10 if ``log10`` (then -inf means exactly 0)
+    mask : (N,) bool, which images to include (default all)
+
+    Returns
+    -------
+    dict: n, fraction_zero, log10_median, log10_geometric_mean (mean of log10:
+    -inf as soon as one value is exactly zero), log10_geometric_mean_nonzero,
+    and log10_mean_PITFALL (log10 of the plain arithmetic mean: dominated by
+    the few largest values, it can hide the suppression entirely).
+    """
+    lv = np.asarray(values, dtype=np.float64) if log10 else _log10(values)
+    if mask is not None:
+        lv = lv[np.asarray(mask, dtype=bool)]
+    n = len(lv)
+    if n == 0:
+        nan = float("nan")
+        return {"n": 0, "fraction_zero": nan, "log10_median": nan, "log10_geometric_mean": nan,
+                "log10_geometric_mean_nonzero": nan, "log10_mean_PITFALL": nan}
+    zero = np.isneginf(lv)
+    nz = lv[~zero]
+    if len(nz):
+        top = nz.max()                               # the plain mean, in log space
+        log_mean = top + math.log10(np.sum(10.0 ** (nz - top)) / n)
+    else:
+        log_mean = -math.inf
+    return {"n": int(n), "fraction_zero": float(zero.mean()),
+            "log10_median": float(np.median(lv)),
+            "log10_geometric_mean": float(lv.mean()) if not zero.any() else -math.inf,
+            "log10_geometric_mean_nonzero": float(nz.mean()) if len(nz) else -math.inf,
+            "log10_mean_PITFALL": float(log_mean)}
+
+
+def summarize_by_correctness(diag, key):
+    """``summarize`` of diag[key] over correct, misclassified and all images.
+
+    Keys containing "log10" are taken as log10 values; others as magnitudes.
+    """
+    log10 = "log10" in key
+    return {group: summarize(diag[key], mask, log10=log10)
+            for group, mask in (("correct", diag["correct"]), ("misclassified", ~diag["correct"]),
+                                ("all", None))}
+
+
+def compare_suppression(diag, ref, key="loss_log10_l2"):
+    """Measured and predicted log10 suppression of ``diag`` relative to ``ref`` (e.g. T = 1).
+
+    Over correctly classified images: the measured factor is the difference of
+    the geometric means (and of the medians) of the true gradient norms; the
+    prediction from the margins is -(mean margin - mean ref margin) / ln 10.
+    A negative number means a smaller gradient than the reference.
+    """
+    a = summarize(diag[key], diag["correct"], log10="log10" in key)
+    b = summarize(ref[key], ref["correct"], log10="log10" in key)
+    ma, mb = diag["margin"][diag["correct"]], ref["margin"][ref["correct"]]
+    return {"measured_log10_geometric_mean": a["log10_geometric_mean"] - b["log10_geometric_mean"],
+            "measured_log10_median": a["log10_median"] - b["log10_median"],
+            "predicted_log10_from_mean_margin": -(ma.mean() - mb.mean()) / LN10,
+            "predicted_log10_from_median_margin": -(np.median(ma) - np.median(mb)) / LN10,
+            "mean_margin": float(ma.mean()), "ref_mean_margin": float(mb.mean())}
+
+
+def report_lines(diag):
+    """A short human-readable table of a diagnostics dict (for the command line)."""
+    c = diag["correct"]
+    lines = [f"gradient diagnostics at T = {diag['T']:g} over {len(c)} images "
+             f"({int(c.sum())} correctly classified):",
+             f"  top probability exactly 1.0 in float32: {diag['saturated'].mean():.1%} of images",
+             f"  logit margin (z_top - z_runner-up) / T: median {np.median(diag['margin']):.3g}, "
+             f"mean {diag['margin'].mean():.3g}",
+             f"  softmax factor log10(1 - p_top): median measured {np.median(diag['log10_factor_measured']):.3g}, "
+             f"predicted from the margin -M/ln10 {np.median(diag['log10_factor_predicted']):.3g}"]
+    for what in ("loss", "probs"):
+        if f"{what}_l2" not in diag:
+            continue
+        name = "cross-entropy loss gradient" if what == "loss" else "probability Jacobian"
+        lines.append(f"  {name}: exactly zero in float32 for {diag[f'{what}_all_zero'].mean():.1%} of images "
+                     f"({diag[f'{what}_zero_frac'].mean():.1%} of entries)")
+        for group, s in summarize_by_correctness(diag, f"{what}_log10_l2").items():
+            if group == "all" or s["n"] == 0:
+                continue
+            lines.append(f"    L2 norm, true size (float64), {group} (n={s['n']}): "
+                         f"log10 median {s['log10_median']:.3g}, geometric mean {s['log10_geometric_mean']:.3g}, "
+                         f"plain mean {s['log10_mean_PITFALL']:.3g} (pitfall: dominated by the largest)")
+    return lines

@@ -1,0 +1,59 @@
+"""FGSM: the fast gradient sign method (Goodfellow, Shlens and Szegedy, ICLR 2015).
+
+One step of size eps along the sign of the input gradient::
+
+    untargeted:  x_adv = clip(x + eps * sign(grad_x objective(x, y)), 0, 1)
+    targeted:    x_adv = clip(x + eps * sign(grad_x objective(x, t)), 0, 1)
+
+where the objective is the one ``gradients.attack_dlogits`` tabulates for
+``wrt`` (it is increased; for ``wrt="loss"`` the targeted objective is minus
+the target's cross-entropy). The default, ``wrt="loss", T=1``, is the paper's:
+the cross-entropy of the deployed softmax.
+
+The sign hides the gradient's *size*, so FGSM only fails where the gradient is
+*exactly zero*: sign(0) = 0 leaves the pixel alone. On a network trained at a
+high T and deployed at T = 1 that is what float32 gives for most images.
+"""
+import numpy as np
+from tqdm.auto import tqdm
+
+from .common import batches, make_result, prepare
+from .gradients import attack_gradient, check_T, check_wrt
+
+
+def fgsm(model, x, labels, eps, targets=None, wrt="loss", T=1.0, batch_size=100, progress=False):
+    """Fast gradient sign method, batched.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : (N, C, H, W) images in [0, 1] (NumPy or the model's array module)
+    labels : (N,) int true classes
+    eps : float >= 0, the L-infinity size of the step
+    targets : (N,) int target classes, or None (untargeted)
+    wrt : "loss" (default, as Goodfellow et al.), "probs" or "logits": what is differentiated
+    T : float > 0, the softmax temperature of "loss" / "probs" (ignored for "logits")
+    batch_size : images per forward/backward pass
+
+    Returns
+    -------
+    x_adv : (N, C, H, W) NumPy; result : AttackResult
+    """
+    check_wrt(wrt, who="FGSM")
+    T = check_T(T)
+    if not (isinstance(eps, (int, float, np.floating)) and eps >= 0 and np.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    x, labels, targets = prepare(model, x, labels, targets)
+    xp = model.xp
+    x_adv = xp.empty_like(x)
+    pred_before = xp.empty(len(x), dtype=xp.int64)
+    for sl in tqdm(batches(len(x), batch_size), desc="FGSM", disable=not progress):
+        t = None if targets is None else targets[sl]
+        g, z = attack_gradient(model, x[sl], labels[sl], wrt, T, t)
+        pred_before[sl] = z.argmax(axis=1)
+        step = x.dtype.type(eps) * xp.sign(g)            # sign(0) = 0: a masked pixel does not move
+        x_adv[sl] = xp.clip(x[sl] + step, 0, 1)           # stay a valid image
+    ones = np.ones(len(x), dtype=np.int64)
+    result = make_result("fgsm", wrt, T, {"eps": float(eps)}, model, x, x_adv, labels, targets,
+                         pred_before, iterations=ones, gradient_evals=ones)
+    return result.x_adv, result
