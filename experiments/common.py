@@ -1,0 +1,272 @@
+"""What the experiment scripts share: options, the model grid, result files.
+
+Each script in this folder is run directly (``python experiments/NAME.py``);
+this module sits beside them and is imported as ``common``. The package
+``scratchnet`` never imports anything from here.
+
+* ``add_common_options`` / ``settings_from``: ``--quick``, ``--T``, ``--seeds``,
+  ``--epochs``, ``--train-size``, ``--n``, data, cache and output folders;
+* ``models_for``: the (recipe, T) grid, trained on demand through
+  ``scratchnet.cache.get_model`` (the ``standard`` model is the T = 1 point of
+  every recipe; a distilled model's teacher is the temperature model at T);
+* ``ResultStore``: one JSON per finished measurement, so a rerun after an
+  interruption reuses every finished model *and* result;
+* ``write_csv`` / ``write_json``: written to a temporary name and moved into
+  place, so a failed run never leaves a half-written result.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from scratchnet.cache import get_model
+from scratchnet.data import load_mnist
+
+FULL_T = [1, 2, 5, 10, 20, 50, 100]
+RECIPES = ["temperature", "distilled"]
+
+
+class UsageError(Exception):
+    """A bad option: reported as one line, exit status 2."""
+
+
+def add_common_options(parser, quick):
+    """Options every study shares. ``quick`` holds the ``--quick`` defaults."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small configuration that finishes in minutes: T in {quick['T']}, "
+                             f"{quick['train_size']} training images, {quick['epochs']} epochs, "
+                             f"{quick['n']} test images")
+    parser.add_argument("--T", type=float, nargs="+", metavar="T",
+                        help=f"training temperatures (default {FULL_T}; T = 1 is the standard model)")
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, help=f"recipes to compare (default {RECIPES})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0)")
+    parser.add_argument("--epochs", type=int, help="training epochs per model (default 5; quick: fewer)")
+    parser.add_argument("--train-size", type=int,
+                        help="use only the first N training images (default all 55,000; quick: fewer)")
+    parser.add_argument("--n", type=int, help="test images to measure (default 1000; quick: fewer)")
+    parser.add_argument("--architecture", choices=["papernot", "small"], default="papernot",
+                        help="network to train (default: papernot, the study's network)")
+    parser.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $SCRATCHNET_DATA, "
+                                           "then ~/.cache/scratchnet/mnist, downloading if missing)")
+    parser.add_argument("--cache-dir", help="trained-model cache (default: $SCRATCHNET_CACHE, "
+                                            "then ~/.cache/scratchnet/models)")
+    parser.add_argument("--out", help="folder for the CSV, JSON and PNG results")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def settings_from(args, quick, full):
+    """The run's settings: explicit options win, then --quick, then the full defaults."""
+    base = quick if args.quick else full
+    s = {
+        "T": sorted(set(float(t) for t in (args.T or base["T"]))),
+        "recipes": args.recipes or RECIPES,
+        "seeds": args.seeds or base.get("seeds", [0]),
+        "epochs": args.epochs or base["epochs"],
+        "train_size": args.train_size if args.train_size is not None else base["train_size"],
+        "n": args.n or base["n"],
+        "architecture": args.architecture,
+        "quick": bool(args.quick),
+    }
+    if any(t <= 0 or not math.isfinite(t) for t in s["T"]):
+        raise UsageError(f"every --T must be a finite number > 0, got {args.T}")
+    if 1.0 not in s["T"]:
+        s["T"] = [1.0] + s["T"]              # the standard model is the reference of every factor
+    if s["epochs"] < 1:
+        raise UsageError(f"--epochs must be >= 1, got {s['epochs']}")
+    if s["n"] < 1 or s["n"] > 10000:
+        raise UsageError(f"--n must be in [1, 10000] test images, got {s['n']}")
+    if s["train_size"] is not None and not 1 <= s["train_size"] <= 55000:
+        raise UsageError(f"--train-size must be in [1, 55000], got {s['train_size']}")
+    return s
+
+
+def run_main(main):
+    """Call ``main()``; turn expected failures into one line on stderr and a non-zero exit."""
+    from scratchnet.data import DataError, DataNotFoundError
+    from scratchnet.model import ModelFileError
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (DataError, DataNotFoundError, ModelFileError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished models and results are kept; rerun to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ===== models =====
+
+def grid(settings):
+    """[(recipe, T, seed)] to evaluate: the standard model once per seed, then each recipe at each T != 1."""
+    out = []
+    for seed in settings["seeds"]:
+        out.append(("standard", 1.0, seed))
+        out += [(r, T, seed) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    return out
+
+
+def model_for(recipe, T, seed, settings, args, data):
+    """A trained model from the cache, training it (with progress bars) if missing."""
+    return get_model(recipe, T, seed, settings["epochs"], architecture=settings["architecture"],
+                     train_size=settings["train_size"], data=data, cache_dir=args.cache_dir,
+                     progress=not args.no_progress)
+
+
+def load_data(args):
+    return load_mnist(args.data_dir, progress=not args.no_progress)
+
+
+def test_subset(data, n, seed=0):
+    """The first n test images (fixed, so every model is measured on the same ones)."""
+    return data.test_x[:n], data.test_y[:n]
+
+
+def count_models(settings):
+    """How many models the grid needs, counting distilled models' teachers."""
+    n = len(grid(settings))
+    if "distilled" in settings["recipes"] and "temperature" not in settings["recipes"]:
+        n += (len(settings["T"]) - 1) * len(settings["seeds"])      # the teachers
+    return n
+
+
+def announce(settings, name, seconds_per_model_quick, seconds_per_model_full):
+    """Print what will run and how long it should take from an empty cache on a 2-core CPU."""
+    n_models = count_models(settings)
+    per = seconds_per_model_quick if settings["quick"] else seconds_per_model_full
+    print(f"{name}: {n_models} models (recipes {settings['recipes']}, T {fmt_T(settings['T'])}, "
+          f"seeds {settings['seeds']}), {settings['epochs']} epochs on "
+          f"{settings['train_size'] or 55000} images, measured on {settings['n']} test images.")
+    print(f"expected time from an empty model cache on a 2-core CPU: about {n_models * per / 60:.0f} min "
+          f"(cached models and results are reused)", flush=True)
+
+
+def fmt_T(Ts):
+    return "{" + ", ".join(f"{t:g}" for t in Ts) + "}"
+
+
+# ===== results =====
+
+class ResultStore:
+    """One JSON file per finished measurement, keyed by everything it depends on."""
+
+    def __init__(self, folder):
+        self.folder = os.path.join(folder, "parts")
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _path(self, key):
+        blob = json.dumps(key, sort_keys=True, default=str)
+        return os.path.join(self.folder, hashlib.sha256(blob.encode()).hexdigest()[:16] + ".json")
+
+    def get_or_compute(self, key, compute):
+        """The stored result for ``key``, or ``compute()`` stored for next time."""
+        path = self._path(key)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+                if stored.get("key") == json.loads(json.dumps(key, default=str)):
+                    return stored["result"]
+            except (OSError, json.JSONDecodeError):
+                pass                          # unreadable: compute again
+        result = compute()
+        write_json(path, {"key": key, "result": result})
+        return result
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else ("-inf" if x == -math.inf else "inf" if x == math.inf else "nan")
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def write_json(path, obj):
+    """Atomically write ``obj`` as JSON (non-finite floats as the strings "-inf", "inf", "nan")."""
+    _atomic_write(path, lambda f: json.dump(_jsonable(obj), f, indent=1))
+
+
+def write_csv(path, rows, columns):
+    """Atomically write a list of dicts as CSV with the given column order."""
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in columns})
+    _atomic_write(path, write)
+
+
+def _fmt(v):
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return v
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure atomically (PNG, 120 dpi)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def print_table(rows, columns, headers=None):
+    """A plain fixed-width table on stdout."""
+    headers = headers or columns
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def _cell(v):
+    if v is None:
+        return "-"
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if math.isinf(v):
+            return "-inf" if v < 0 else "inf"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.3g}"
+    return str(v)
