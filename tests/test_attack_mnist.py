@@ -141,12 +141,14 @@ def test_cw_finds_smaller_perturbations_than_fgsm(model_T1, mnist):
     assert np.all(z[won, t[:6][won]] - other[won] >= 1.0 - 1e-4)
 
 
-def test_pgd_beats_fgsm_within_the_same_budget(model_T1, mnist):
+def test_pgd_stays_in_its_budget_and_does_at_least_as_well_as_fgsm(model_T1, mnist):
+    # (on this nearly linear one-hidden-layer network one FGSM step is already close to
+    # optimal: measured FGSM 25 and PGD 26 of 30 images at eps = 0.08, so only ">=" is asserted)
     x, y = correct_images(model_T1, mnist, 30, start=300)
     _, rf = fgsm(model_T1, x, y, 0.08)
     x_adv, rp = pgd(model_T1, x, y, 0.08, step=0.02, steps=10)
     assert np.all(np.abs(x_adv - x) <= 0.08 + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert rp.summary()["success_rate"] > rf.summary()["success_rate"]
+    assert rp.summary()["success_rate"] >= max(rf.summary()["success_rate"], 0.75)
     assert np.all(rp.iterations[rp.success] >= 1) and rp.iterations.max() <= 10
 
 
