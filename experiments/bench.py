@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import scratchnet  # noqa: E402
-from scratchnet import runtime  # noqa: E402
+from kernels import cpu as cpu_kernels  # noqa: E402
 from scratchnet.losses import softmax_cross_entropy  # noqa: E402
 from scratchnet.model import papernot_mnist  # noqa: E402
 from scratchnet.optim import SGD  # noqa: E402
@@ -101,7 +101,7 @@ def bench_scratchnet(args):
     return {"train_step_s": t_train, "train_images_per_s": args.train_batch / t_train,
             "input_grad_s": t_grad, "input_grad_images_per_s": args.grad_batch / t_grad,
             "train_step_times_s": all_train, "input_grad_times_s": all_grad,
-            "threads": runtime.describe()}
+            "threads": cpu_kernels.describe_threads()}
 
 
 # ===== PyTorch (baseline only) =====

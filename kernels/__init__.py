@@ -14,14 +14,42 @@ table          module                  used for
 Layer code calls ``kernels.get("im2col", xp)(x, ...)`` and never branches on the
 device itself. The GPU table is filled on first use, so importing scratchnet
 never requires CuPy.
+
+The whole-layer convolution (``conv2d_forward``, ``conv2d_backward``) is a
+kernel too, so that the CPU can run it one image per thread without ever
+building the batch's whole im2col matrix. An implementation that has no such
+kernel (the GPU) gets the composition of its own im2col / col2im with its
+array module's matrix product, exactly as in ``kernels/reference.py``.
 """
 import numpy as np
 
 from . import reference
 
-NAMES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward")
+NAMES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "conv2d_forward", "conv2d_backward")
+CONV_NAMES = ("conv2d_forward", "conv2d_backward")
 
 _tables = {"reference": {name: getattr(reference, name) for name in NAMES}}
+
+
+def _conv2d_from_im2col(im2col, col2im):
+    """conv2d_forward / conv2d_backward built from an im2col / col2im pair (see kernels.reference)."""
+
+    def conv2d_forward(x, W, b, stride, pad):
+        N, _, H, Wd = x.shape
+        F, C, KH, KW = W.shape
+        OH, OW = reference.output_size(H, KH, stride, pad), reference.output_size(Wd, KW, stride, pad)
+        y = im2col(x, KH, KW, stride, pad) @ W.reshape(F, -1).T + b          # (N*OH*OW, F)
+        return y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2).copy()         # NCHW
+
+    def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
+        F, C, KH, KW = W.shape
+        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)                         # rows as im2col's
+        dx = col2im(dy2 @ W.reshape(F, -1), x.shape, KH, KW, stride, pad)
+        if not param_grads:
+            return dx, None, None
+        return dx, (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape), dy2.sum(axis=0)
+
+    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward}
 
 
 def _table(impl):
@@ -32,7 +60,10 @@ def _table(impl):
             from . import gpu as module
         else:
             raise ValueError(f"unknown kernel implementation {impl!r}; expected 'reference', 'cpu' or 'gpu'")
-        _tables[impl] = {name: getattr(module, name) for name in NAMES}
+        table = {name: getattr(module, name) for name in NAMES if hasattr(module, name)}
+        if not all(name in table for name in CONV_NAMES):
+            table.update(_conv2d_from_im2col(table["im2col"], table["col2im"]))
+        _tables[impl] = table
     return _tables[impl]
 
 

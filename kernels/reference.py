@@ -121,3 +121,52 @@ def maxpool_backward(dy, argmax, x_shape, KH, KW, stride):
             won = (argmax == kh * KW + kw)
             dx[:, :, kh:kh + stride * OH:stride, kw:kw + stride * OW:stride] += np.where(won, dy, 0)
     return dx
+
+
+# ===== whole convolution layer (built from im2col) =====
+
+def conv2d_forward(x, W, b, stride, pad):
+    """Cross-correlation of x with F filters: one matrix product over im2col rows.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) array
+    W : (F, C, KH, KW) array, the filters
+    b : (F,) array, one bias per filter
+    stride, pad : int
+
+    Returns
+    -------
+    y : (N, F, OH, OW) array,
+        y[n, f, oh, ow] = b[f] + sum_{c, kh, kw} W[f, c, kh, kw] * x_pad[n, c, oh stride + kh, ow stride + kw]
+    """
+    N, _, H, Wd = x.shape
+    F, C, KH, KW = W.shape
+    OH, OW = output_size(H, KH, stride, pad), output_size(Wd, KW, stride, pad)
+    cols = im2col(x, KH, KW, stride, pad)                  # (N*OH*OW, C*KH*KW)
+    y = cols @ W.reshape(F, -1).T + b                      # (N*OH*OW, F)
+    return np.ascontiguousarray(y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2))
+
+
+def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
+    """Gradients of conv2d_forward: the same matrix product, transposed.
+
+    Parameters
+    ----------
+    dy : (N, F, OH, OW) array, gradient w.r.t. y
+    x : (N, C, H, W) array, the forward pass's input
+    W : (F, C, KH, KW) array
+    param_grads : bool; False skips dW and db (returned as None) when only dx is wanted
+
+    Returns
+    -------
+    dx : (N, C, H, W) = col2im(dy W);  dW : (F, C, KH, KW) = dy^T im2col(x);  db : (F,) = sum of dy
+    """
+    F, C, KH, KW = W.shape
+    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)          # (N*OH*OW, F), rows ordered as im2col's
+    dx = col2im(dy2 @ W.reshape(F, -1), x.shape, KH, KW, stride, pad)
+    if not param_grads:
+        return dx, None, None
+    dW = (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape)
+    db = dy2.sum(axis=0)
+    return dx, dW, db

@@ -36,8 +36,10 @@ def dense_forward(x, W, b):
     return y, {"x": x, "W": W}
 
 
-def dense_backward(dy, cache):
+def dense_backward(dy, cache, param_grads=True):
     """Gradients of y = x @ W + b.
+
+    ``param_grads=False`` skips dW and db (returned as None) when only dx is wanted.
 
     Returns
     -------
@@ -45,6 +47,8 @@ def dense_backward(dy, cache):
     """
     x, W = cache["x"], cache["W"]
     dx = dy @ W.T
+    if not param_grads:
+        return dx, None, None
     dW = x.T @ dy
     db = dy.sum(axis=0)
     return dx, dW, db
@@ -53,7 +57,7 @@ def dense_backward(dy, cache):
 # ===== 2-D convolution (via im2col) =====
 
 def conv2d_forward(x, W, b, stride=1, pad=0):
-    """Cross-correlation of x with F filters, as one matrix product.
+    """Cross-correlation of x with F filters, as a matrix product.
 
     Parameters
     ----------
@@ -65,43 +69,38 @@ def conv2d_forward(x, W, b, stride=1, pad=0):
     Returns
     -------
     y : (N, F, OH, OW), with OH = (H + 2 pad - KH) // stride + 1 (same for OW)
-    cache : dict(x_shape, cols, W, stride, pad)
+    cache : dict(x, W, stride, pad)
+
+    The maths (``kernels/reference.py``): im2col unfolds every KHxKW window of
+    x into one row of ``cols`` (N*OH*OW, C*KH*KW), and ``y = cols @ W_flat^T + b``
+    with W_flat = W.reshape(F, C*KH*KW). The CPU kernel does the same product
+    one image at a time, so the unfolded image stays in the core's cache.
 
     Local derivative: y is linear in x and in W; backward is the same product
-    transposed (dW = dy^T cols, dcols = dy W, dx = col2im(dcols)).
+    transposed (dW = dy^T cols, dcols = dy W_flat, dx = col2im(dcols)).
     """
     xp = get_array_module(x)
-    N, C, H, Wd = x.shape
-    F, _, KH, KW = W.shape
-    cols = kernels.get("im2col", xp)(x, KH, KW, stride, pad)       # (N*OH*OW, C*KH*KW)
-    OH = (H + 2 * pad - KH) // stride + 1
-    OW = (Wd + 2 * pad - KW) // stride + 1
-    y = cols @ W.reshape(F, -1).T + b                                # (N*OH*OW, F)
-    y = y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2)                 # back to NCHW
-    cache = {"x_shape": x.shape, "cols": cols, "W": W, "stride": stride, "pad": pad}
-    return xp.ascontiguousarray(y), cache
+    y = kernels.get("conv2d_forward", xp)(x, W, b, stride, pad)
+    return y, {"x": x, "W": W, "stride": stride, "pad": pad}
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward(dy, cache, param_grads=True):
     """Gradients of conv2d_forward.
 
     Parameters
     ----------
     dy : (N, F, OH, OW)
+    param_grads : bool; False skips dW and db (returned as None): an attack
+        needs only dx, and dW costs as much as dx
 
     Returns
     -------
-    dx : (N, C, H, W); dW : (F, C, KH, KW); db : (F,)
+    dx : (N, C, H, W) = col2im(dy W_flat);  dW : (F, C, KH, KW) = dy^T im2col(x);
+    db : (F,) = sum of dy over the batch and the pixels
     """
     xp = get_array_module(dy)
-    W, cols = cache["W"], cache["cols"]
-    F, C, KH, KW = W.shape
-    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)                    # (N*OH*OW, F), rows as in cols
-    dW = (dy2.T @ cols).reshape(W.shape)
-    db = dy2.sum(axis=0)
-    dcols = dy2 @ W.reshape(F, -1)                                   # (N*OH*OW, C*KH*KW)
-    dx = kernels.get("col2im", xp)(dcols, cache["x_shape"], KH, KW, cache["stride"], cache["pad"])
-    return dx, dW, db
+    return kernels.get("conv2d_backward", xp)(dy, cache["x"], cache["W"], cache["stride"], cache["pad"],
+                                              param_grads)
 
 
 # ===== max pooling =====

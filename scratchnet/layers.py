@@ -4,9 +4,11 @@ A layer has
 
 * ``params`` and ``grads``: dicts with the same keys (``"W"``, ``"b"``);
 * ``forward(x, train=False)``: checks the input, returns y, keeps a cache;
-* ``backward(dy)``: returns dx, fills ``grads``; never modifies ``dy``.
-  Calling it again after the same forward gives the same answer (attacks take
-  several vector-Jacobian products of one forward pass);
+* ``backward(dy, param_grads=True)``: returns dx, fills ``grads``; never
+  modifies ``dy``. Calling it again after the same forward gives the same
+  answer (attacks take several vector-Jacobian products of one forward pass).
+  ``param_grads=False`` computes dx only and empties ``grads``: an attack needs
+  no parameter gradients, and in a convolution they cost as much as dx;
 * ``config()``: the constructor arguments, so a model can be saved and rebuilt.
 """
 import numpy as np
@@ -70,8 +72,9 @@ class Conv2D(Layer):
         y, self.cache = F.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad)
         return y
 
-    def backward(self, dy):
-        dx, self.grads["W"], self.grads["b"] = F.conv2d_backward(dy, self.cache)
+    def backward(self, dy, param_grads=True):
+        dx, dW, db = F.conv2d_backward(dy, self.cache, param_grads)
+        self.grads = {"W": dW, "b": db} if param_grads else {}
         return dx
 
 
@@ -96,7 +99,7 @@ class MaxPool2D(Layer):
         y, self.cache = F.maxpool_forward(x, self.KH, self.KW, self.stride)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, param_grads=True):
         return F.maxpool_backward(dy, self.cache)
 
 
@@ -121,8 +124,9 @@ class Dense(Layer):
         y, self.cache = F.dense_forward(x, self.params["W"], self.params["b"])
         return y
 
-    def backward(self, dy):
-        dx, self.grads["W"], self.grads["b"] = F.dense_backward(dy, self.cache)
+    def backward(self, dy, param_grads=True):
+        dx, dW, db = F.dense_backward(dy, self.cache, param_grads)
+        self.grads = {"W": dW, "b": db} if param_grads else {}
         return dx
 
 
@@ -137,7 +141,7 @@ class ReLU(Layer):
         y, self.cache = F.relu_forward(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, param_grads=True):
         return F.relu_backward(dy, self.cache)
 
 
@@ -150,7 +154,7 @@ class Flatten(Layer):
         y, self.cache = F.flatten_forward(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, param_grads=True):
         return F.flatten_backward(dy, self.cache)
 
 
@@ -180,7 +184,7 @@ class Dropout(Layer):
         y, self.cache = F.dropout_forward(x, self.rate, self._rngs[xp])
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, param_grads=True):
         return dy if self.cache is None else F.dropout_backward(dy, self.cache)
 
 

@@ -60,15 +60,17 @@ class Sequential:
 
     # ----- backward -----
 
-    def backward(self, dz):
+    def backward(self, dz, param_grads=True):
         """Backprop dL/dz (N, K) of the last forward pass; returns dL/dx (N, C, H, W).
 
         Fills ``layer.grads`` of every layer on the way. May be called several
         times after one forward pass (each call is a vector-Jacobian product).
+        ``param_grads=False`` computes only dL/dx, about twice as fast, and
+        leaves every ``grads`` empty: what an attack needs.
         """
         d = dz
         for layer in reversed(self.layers):
-            d = layer.backward(d)
+            d = layer.backward(d, param_grads=param_grads)
         return d
 
     # ----- parameters -----
