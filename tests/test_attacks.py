@@ -11,7 +11,7 @@ from scratchnet import functional as F
 from scratchnet.attacks import fgsm, jsma, pgd, cw_l2
 from scratchnet.attacks.common import distortions, L0_TOLERANCE
 from scratchnet.attacks.cw import f6
-from scratchnet.attacks.gradients import (attack_dlogits, attack_gradient, float64_copy, jacobian,
+from scratchnet.attacks.gradients import (attack_gradient, float64_copy, jacobian,
                                           log10_loss_grad_norms, log10_probs_jacobian_norms,
                                           loss_dlogits, loss_gradient, objective_gradient, vjps)
 from scratchnet.attacks.jsma import saliency_pairs

@@ -150,8 +150,8 @@ def _validate(args):
     return wrt, target
 
 
-def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_images=10):
-    """A 3-row grid: originals, perturbations (x_adv - x, grey = 0), adversarial images."""
+def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_images=10, title=None):
+    """A 3-row grid: originals, perturbations (x_adv - x, white = 0), adversarial images."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,6 +172,8 @@ def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_
             ax.set_yticks([])
     for row, name in enumerate(("original", "perturbation", "adversarial")):
         axes[row, 0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -266,7 +268,10 @@ def _execute(args):
             json.dump(to_jsonable(record), f, indent=1, allow_nan=False)
         print(f"wrote {args.json}")
     if args.png:
-        save_png(args.png, xa, x_adv, ya, result.pred_before, result.pred_after, targets)
+        title = (f"{args.attack} on {os.path.basename(args.model)}, differentiating {wrt}"
+                 + ("" if wrt == "logits" else f" at T = {T:g}")
+                 + f": success {s['n_success']} / {s['n_correct']} correctly classified")
+        save_png(args.png, xa, x_adv, ya, result.pred_before, result.pred_after, targets, title=title)
         print(f"wrote {args.png}")
     return 0
 

@@ -134,7 +134,7 @@ class AttackResult:
         ok = self.initially_correct
         won = self.achieved & ok
         n_ok, n_won = int(ok.sum()), int(won.sum())
-        goal = "reached its target class" if self.targeted else "changed the prediction"
+        goal = "reached their target class" if self.targeted else "changed the prediction"
         out = {
             "attack": self.attack, "wrt": self.wrt, "T": self.T, "targeted": self.targeted,
             "n_images": int(len(self.labels)), "n_correct": n_ok, "n_success": n_won,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import functional as F
 from ..backend import get_array_module, to_numpy
 from .common import batches, make_result, prepare
-from .gradients import check_T, check_wrt, one_hot, probs_dlogits
+from .gradients import check_T, check_wrt, objective_gradient, one_hot, probs_dlogits
 
 BIG = 1e10          # "no upper bound on c found yet"
 
@@ -114,15 +114,20 @@ def cw_l2(model, x, labels, targets=None, wrt="logits", T=1.0, kappa=0.0, c=0.1,
             m, v = xp.zeros_like(w), xp.zeros_like(w)
             found = np.zeros(n, dtype=bool)
             c_dev = xp.asarray(cc, dtype=x.dtype)[:, None]
+
+            def objective(z):
+                """f6 on the attacked output, and its logits cotangent (times c)."""
+                Z = F.softmax_forward(z, T)[0] if wrt == "probs" else z   # softmax(z / T) or z
+                f, dZ, margin = f6(Z, cls, dt(kappa), targeted)
+                dz = c_dev * dZ
+                if wrt == "probs":
+                    dz = probs_dlogits(z, dz, T)      # p_i (delta_ij - p_j) / T: masked at T = 1
+                return (f, margin), dz
+
             for it in range(1, steps + 1):
                 tw = xp.tanh(w)
-                xa = (tw + 1) / 2
-                z = model.logits(xa)
-                if wrt == "probs":
-                    Z, _ = F.softmax_forward(z, T)            # softmax(z / T), the 1/T inside
-                else:
-                    Z = z
-                f, dZ, margin = f6(Z, cls, dt(kappa), targeted)
+                xa = (tw + 1) / 2                     # the change of variables: x_adv in [0, 1]
+                g_f, (f, margin), z = objective_gradient(model, xa, objective)
                 d = xa - xb
                 l2 = to_numpy((d * d).reshape(n, -1).sum(axis=1)).astype(np.float64) ** 0.5
                 # adversarial at this iterate: predicted class right, and the margin kappa met
@@ -135,10 +140,7 @@ def cw_l2(model, x, labels, targets=None, wrt="logits", T=1.0, kappa=0.0, c=0.1,
                     x_best[xp.asarray(sl.start + rows)] = xa[xp.asarray(rows)]
                 found |= hit
                 # gradient of ||d||^2 + c f6 w.r.t. x_adv, then through x_adv = (tanh(w) + 1) / 2
-                dz = c_dev * dZ
-                if wrt == "probs":
-                    dz = probs_dlogits(z, dz, T)              # p_i (delta_ij - p_j) / T: masked at T = 1
-                g = 2 * d + model.backward(dz)
+                g = 2 * d + g_f
                 g = g * (1 - tw * tw) / 2
                 # Adam
                 m = beta1 * m + (1 - beta1) * g
