@@ -188,7 +188,9 @@ def _reseed_dropout(model, seed):
             layer.reseed(seed)
 
 
-def _check_training_inputs(x, y, T, epochs, batch_size):
+def _check_training_inputs(x, y, T, epochs, batch_size, optimizer):
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
     if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
         raise ValueError(f"temperature T must be a finite number > 0, got {T!r}")
     if int(epochs) != epochs or epochs < 1:
@@ -236,7 +238,7 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS["standard"], batch_size=128,
     ------
     TrainingDivergedError when the loss or the weights become NaN or infinite.
     """
-    _check_training_inputs(x, y, T, epochs, batch_size)
+    _check_training_inputs(x, y, T, epochs, batch_size, optimizer)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     N = len(x)
     steps_per_epoch = math.ceil(N / batch_size)

@@ -1,0 +1,312 @@
+"""The training loop, the three recipes and the model cache, on a few thousand real MNIST images.
+
+The recipe tests use the small network (``architecture="small"``): they are
+about the recipes, not the architecture, and it trains in seconds.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from scratchnet import cache as C
+from scratchnet import train as R
+from scratchnet.data import MNIST, load_mnist
+from scratchnet.layers import Dense, Flatten
+from scratchnet.model import Sequential, load
+
+from conftest import mnist_dir
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(mnist_dir(), "train-images-idx3-ubyte.gz")),
+    reason=f"MNIST files not found in {mnist_dir()}")
+
+# A short run: the small network, 3,000 training images, 3 epochs, Adam at lr 1e-2.
+SHORT = dict(epochs=3, lr=1e-2, progress=False)
+SHORT_RUN_MIN_ACCURACY = 0.85     # measured about 0.88 on the first 2,000 test images
+MARGIN_FACTOR_T20 = 5.0           # measured about 16x: the T = 20 logits margin over the T = 1 one
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist(mnist_dir(), validation=5000, download=False)
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """3,000 training, 500 validation and 2,000 test images."""
+    return MNIST(mnist.train_x[:3000], mnist.train_y[:3000], mnist.val_x[:500], mnist.val_y[:500],
+                 mnist.test_x[:2000], mnist.test_y[:2000], mnist.data_dir, mnist.validation_seed)
+
+
+@pytest.fixture(scope="module")
+def trained(small):
+    """The small network trained for a short run at T = 1 and at T = 20 (same seed)."""
+    models = {}
+    for T in (1.0, 20.0):
+        model = R.build_model("small", seed=0)
+        R.train(model, small.train_x, small.train_y, T=T, seed=0, **SHORT)
+        models[T] = model
+    return models
+
+
+# ===== schedule and loss =====
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    lrs = [R.learning_rate(s, 100, 1.0, 10) for s in range(100)]
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))          # decays monotonically
+    assert lrs[10] == 1.0 and lrs[-1] < 1e-3
+
+
+def test_training_step_uses_softmax_of_z_over_T():
+    """One SGD step on a linear model with known logits: the update is exactly what
+    the loss of softmax(z / T) prescribes, and not what softmax(z) would."""
+    T, lr = 5.0, 0.1
+    x = np.array([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, 1.0], [1.0, 0.0]]]])      # (2, 1, 2, 2)
+    y = np.array([0, 2])
+    W = np.array([[3.0, -1.0, 0.5], [0.0, 2.0, -2.0], [1.0, 1.0, 1.0], [-3.0, 0.0, 4.0]])
+
+    def model():
+        dense = Dense(4, 3, dtype=np.float64, name="dense")
+        dense.params["W"], dense.params["b"] = W.copy(), np.zeros(3)
+        return Sequential([Flatten(name="flatten"), dense])
+
+    z = x.reshape(2, 4) @ W                                     # the known logits
+    onehot = np.eye(3)[y]
+
+    def expected_update(temperature):
+        s = z / temperature
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        dz = (p - onehot) / (temperature * len(y))              # d(mean CE of softmax(z / T)) / dz
+        # SGD's rate is multiplied by T (make_optimizer), so the step is -lr * T * x^T dz
+        return -lr * T * x.reshape(2, 4).T @ dz
+
+    m = model()
+    R.train(m, x, y, T=T, epochs=1, batch_size=2, optimizer="sgd", lr=lr, warmup_steps=1, progress=False)
+    update = m["dense.W"] - W
+    np.testing.assert_allclose(update, expected_update(T), rtol=1e-12)
+    assert not np.allclose(update, expected_update(1.0), rtol=1e-3)
+
+    # and the loss value itself is the cross-entropy of softmax(z / T)
+    loss, _ = R.softmax_cross_entropy(z, y, T)
+    s = z / T
+    by_hand = -np.mean(s[np.arange(2), y] - np.log(np.exp(s).sum(1)))
+    assert math.isclose(loss, by_hand, rel_tol=1e-12)
+
+
+# ===== short runs =====
+
+def test_short_run_reaches_the_stated_accuracy(trained, small):
+    acc = R.accuracy(trained[1.0], small.test_x, small.test_y)
+    assert acc >= SHORT_RUN_MIN_ACCURACY, f"short T = 1 run: test accuracy {acc:.3f}"
+
+
+def test_temperature_run_learns_logit_margins_several_times_larger(trained, small):
+    """Trained at T = 20, the network makes softmax(z / 20) confident, so its logits
+    (and their margins) grow far beyond a T = 1 network's; at T = 1 it saturates."""
+    z1 = R.logits_in_batches(trained[1.0], small.test_x)
+    z20 = R.logits_in_batches(trained[20.0], small.test_x)
+    m1, m20 = R.logit_margins(z1).mean(), R.logit_margins(z20).mean()
+    assert m20 >= MARGIN_FACTOR_T20 * m1, f"margin T=20 {m20:.2f} vs T=1 {m1:.2f}"
+    sat1 = R.evaluate(trained[1.0], small.test_x, small.test_y)["saturated_fraction"]
+    sat20 = R.evaluate(trained[20.0], small.test_x, small.test_y)["saturated_fraction"]
+    assert sat20 > 0.3 and sat20 > sat1 + 0.3, (sat1, sat20)
+    assert R.accuracy(trained[20.0], small.test_x, small.test_y) >= 0.8
+
+
+def test_distillation_targets_are_the_teachers_probabilities_at_T(trained, small):
+    teacher, T = trained[20.0], 20.0
+    x = small.train_x[:300]
+    targets = R.distillation_targets(teacher, x, T)
+    z = R.logits_in_batches(teacher, x).astype(np.float64)
+    s = z / T
+    by_hand = np.exp(s - s.max(1, keepdims=True))
+    by_hand /= by_hand.sum(1, keepdims=True)
+    assert targets.shape == (300, 10) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets, by_hand, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+    assert targets.max(1).mean() < 0.999        # soft labels, unlike the saturated softmax at T = 1
+
+
+def test_distilled_recipe_trains_the_student_at_T_on_those_targets(trained, small, monkeypatch):
+    calls = []
+    real_train = R.train
+
+    def recording_train(model, x, y, T=1.0, **kw):
+        calls.append((x, y, T))
+        return real_train(model, x, y, T=T, **kw)
+
+    monkeypatch.setattr(R, "train", recording_train)
+    teacher = trained[20.0]
+    student, meta = R.train_distilled(small, 20.0, teacher, seed=0, epochs=1, architecture="small",
+                                      train_size=500, progress=False, lr=1e-2)
+    (x, y, T), = calls
+    assert T == 20.0 and y.shape == (500, 10)
+    np.testing.assert_array_equal(y, R.distillation_targets(teacher, small.train_x[:500], 20.0))
+    assert meta["recipe"] == "distilled" and meta["T"] == 20.0 and meta["deploy_T"] == 1.0
+    assert student is not teacher
+
+
+# ===== reproducibility and resuming =====
+
+def _one_epoch_model(small, seed, **kw):
+    model = R.build_model("small", seed=seed)
+    R.train(model, small.train_x[:1000], small.train_y[:1000], T=2.0, seed=seed, epochs=1,
+            lr=1e-2, progress=False, **kw)
+    return model
+
+
+def test_same_seed_gives_the_same_weights(small):
+    a, b, c = _one_epoch_model(small, 1), _one_epoch_model(small, 1), _one_epoch_model(small, 2)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    assert any(not np.array_equal(a.params[n], c.params[n]) for n in a.params)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
+    x, y = small.train_x[:1000], small.train_y[:1000]
+    settings = dict(T=2.0, seed=3, epochs=2, lr=1e-2, progress=False)
+    straight = R.build_model("small", seed=3)
+    R.train(straight, x, y, **settings)
+
+    checkpoint = str(tmp_path / "run.ckpt.npz")
+    real_save = R.save_checkpoint
+
+    def save_then_die(path, model, opt, epoch, history, s):
+        real_save(path, model, opt, epoch, history, s)
+        raise KeyboardInterrupt                              # killed right after epoch 1
+    monkeypatch.setattr(R, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        R.train(R.build_model("small", seed=3), x, y, checkpoint=checkpoint, **settings)
+    monkeypatch.setattr(R, "save_checkpoint", real_save)
+
+    resumed = R.build_model("small", seed=3)
+    history = R.train(resumed, x, y, checkpoint=checkpoint, **settings)
+    assert [h["epoch"] for h in history] == [1, 2]
+    for name in straight.params:
+        np.testing.assert_array_equal(resumed.params[name], straight.params[name])
+
+
+def test_checkpoint_from_other_settings_is_ignored(small, tmp_path):
+    x, y = small.train_x[:500], small.train_y[:500]
+    checkpoint = str(tmp_path / "c.npz")
+    R.train(R.build_model("small", 0), x, y, T=1.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
+    fresh = R.build_model("small", 0)
+    history = R.train(fresh, x, y, T=5.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
+    assert [h["epoch"] for h in history] == [1]                 # trained, not resumed
+    reference = R.build_model("small", 0)
+    R.train(reference, x, y, T=5.0, epochs=1, lr=1e-2, progress=False)
+    np.testing.assert_array_equal(fresh["dense2.W"], reference["dense2.W"])
+
+
+def test_sgd_with_learning_rate_scaled_by_T_learns_at_T_20(small):
+    model = R.build_model("small", seed=0)
+    R.train(model, small.train_x[:2000], small.train_y[:2000], T=20.0, epochs=2, optimizer="sgd",
+            lr=0.05, progress=False)
+    # measured 0.77 after these 2 epochs; unscaled SGD at this rate would see steps 20 times smaller
+    assert R.accuracy(model, small.test_x[:1000], small.test_y[:1000]) >= 0.7
+
+
+def test_bad_training_arguments_are_value_errors(small):
+    model = R.build_model("small", 0)
+    x, y = small.train_x[:10], small.train_y[:10]
+    with pytest.raises(ValueError, match="T must be"):
+        R.train(model, x, y, T=0.0, progress=False)
+    with pytest.raises(ValueError, match="same length"):
+        R.train(model, x, y[:5], progress=False)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        R.train(model, x, y, optimizer="rmsprop", progress=False)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        R.build_model("resnet")
+
+
+# ===== the cache =====
+
+def _tiny(small):
+    """400 training, 200 validation, 300 test images: for cache mechanics only."""
+    return MNIST(small.train_x[:400], small.train_y[:400], small.val_x[:200], small.val_y[:200],
+                 small.test_x[:300], small.test_y[:300], small.data_dir, small.validation_seed)
+
+
+TINY = dict(epochs=1, architecture="small", lr=1e-2, progress=False)
+
+
+def test_cache_trains_once_then_loads_and_force_retrains(small, tmp_path, monkeypatch):
+    data = _tiny(small)
+    model, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert os.path.isfile(meta["path"]) and os.path.dirname(meta["path"]) == str(tmp_path)
+    saved, saved_meta = load(meta["path"])
+    for key in ("recipe", "T", "seed", "epochs", "test_accuracy", "val_accuracy"):
+        assert saved_meta[key] == meta[key]
+    assert saved_meta["recipe"] == "standard" and saved_meta["T"] == 1.0 and saved_meta["epochs"] == 1
+    assert 0 < saved_meta["test_accuracy"] <= 1 and 0 < saved_meta["val_accuracy"] <= 1
+
+    def no_training(*args, **kw):
+        raise AssertionError("the cached model should have been reused")
+    monkeypatch.setattr(R, "train", no_training)
+    again, meta2 = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    np.testing.assert_array_equal(again["dense2.W"], model["dense2.W"])
+    with pytest.raises(AssertionError, match="reused"):
+        C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, force=True, **TINY)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(meta["path"])]   # no temporary files
+
+
+def test_cache_key_covers_recipe_T_seed_and_settings():
+    settings = {"architecture": "papernot", "batch_size": 128, "optimizer": "adam", "lr": None,
+                "warmup_steps": None, "train_size": None, "validation": 5000, "validation_seed": 0}
+    base = C.model_key("temperature", 20, 0, 5, settings)
+    assert base.startswith("temperature-T20-seed0-ep5-papernot-")
+    others = {C.model_key("distilled", 20, 0, 5, settings), C.model_key("temperature", 100, 0, 5, settings),
+              C.model_key("temperature", 20, 1, 5, settings), C.model_key("temperature", 20, 0, 6, settings),
+              C.model_key("temperature", 20, 0, 5, {**settings, "lr": 1e-2}),
+              C.model_key("temperature", 20, 0, 5, {**settings, "train_size": 1000})}
+    assert base not in others and len(others) == 6
+    assert C.model_key("temperature", 20, 0, 5, dict(settings)) == base
+
+
+def test_distilled_fetches_its_teacher_through_the_cache(small, tmp_path, monkeypatch):
+    data = _tiny(small)
+    student, meta = C.get_model("distilled", 5.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].startswith("distilled-T5-") and files[1].startswith("temperature-T5-")
+    assert meta["teacher"]["key"] == files[1] and meta["teacher"]["recipe"] == "temperature"
+
+    def no_training(*args, **kw):
+        raise AssertionError("the teacher should come from the cache")
+    monkeypatch.setattr(R, "train", no_training)
+    teacher, teacher_meta = C.get_model("temperature", 5.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert teacher_meta["recipe"] == "temperature" and teacher_meta["T"] == 5.0
+
+
+def test_nan_loss_stops_training_and_keeps_the_good_cached_model(small, tmp_path):
+    data = _tiny(small)
+    _, meta = C.get_model("temperature", 2.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    before = open(meta["path"], "rb").read()
+    poisoned = MNIST(data.train_x.copy(), data.train_y, data.val_x, data.val_y, data.test_x, data.test_y,
+                     data.data_dir, data.validation_seed)
+    poisoned.train_x[:] = np.nan
+    with pytest.raises(R.TrainingDivergedError, match=r"loss became nan at epoch 1, batch 1"):
+        C.get_model("temperature", 2.0, seed=0, data=poisoned, cache_dir=tmp_path, force=True, **TINY)
+    assert open(meta["path"], "rb").read() == before
+    assert os.listdir(tmp_path) == [os.path.basename(meta["path"])]
+
+
+def test_unreadable_cached_model_is_retrained_with_a_warning(small, tmp_path):
+    data = _tiny(small)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    with open(meta["path"], "wb") as f:
+        f.write(b"half a file")
+    with pytest.warns(UserWarning, match="unreadable cached model"):
+        model, meta2 = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    load(meta2["path"])                                        # a complete model again
+
+
+def test_bad_recipe_and_temperature_are_value_errors():
+    with pytest.raises(ValueError, match="unknown recipe 'annealed'"):
+        C.get_model("annealed", 1.0)
+    with pytest.raises(ValueError, match="T must be a finite number > 0"):
+        C.get_model("temperature", -3)
+    with pytest.raises(ValueError, match="standard recipe trains at T = 1"):
+        C.get_model("standard", 20)
