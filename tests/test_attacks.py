@@ -351,3 +351,55 @@ def test_distortions_count_pixels_beyond_half_a_grey_level():
     assert l0[0] == 2
     np.testing.assert_allclose(l2[0], math.sqrt((L0_TOLERANCE / 2) ** 2 + 0.25 + 0.09))
     np.testing.assert_allclose(linf[0], 0.5)
+
+
+# ===== diagnostics =====
+
+def test_gradient_diagnostics_per_image_numbers_match_direct_computation():
+    from scratchnet.attacks import gradient_diagnostics
+    model = small_conv(np.float32)
+    x = images(6).astype(np.float32)
+    model["dense"].params["W"] *= np.float32(9)   # margins 15-19: some images saturate in float32 (M > ~16.6)
+    z = model.logits(x)
+    y = np.array([0, 1, 2, 3, 0, 1])
+    d = gradient_diagnostics(model, x, y, T=1.0, batch_size=4)
+    g, _ = loss_gradient(model, x, y)
+    gflat = g.reshape(6, -1).astype(np.float64)
+    np.testing.assert_allclose(d["loss_l2"], np.sqrt((gflat ** 2).sum(1)), rtol=1e-12)
+    np.testing.assert_allclose(d["loss_l1"], np.abs(gflat).sum(1), rtol=1e-12)
+    np.testing.assert_array_equal(d["loss_zero_frac"], (gflat == 0).mean(1))
+    np.testing.assert_array_equal(d["loss_all_zero"], (gflat == 0).all(1))
+    J, _ = jacobian(model, x, "probs")
+    np.testing.assert_array_equal(d["probs_all_zero"], (J.reshape(6, -1) == 0).all(1))
+    p = F.softmax_forward(z, 1.0)[0]
+    np.testing.assert_array_equal(d["top_prob"], p.max(1))
+    np.testing.assert_array_equal(d["saturated"], p.max(1) == 1.0)
+    assert d["saturated"].any() and not d["saturated"].all(), d["top_prob"]
+    z64 = float64_copy(model).logits(x.astype(np.float64))
+    s = np.sort(z64, 1)
+    np.testing.assert_allclose(d["margin"], s[:, -1] - s[:, -2], rtol=1e-12)
+    np.testing.assert_allclose(d["log10_factor_predicted"], -d["margin"] / math.log(10), rtol=1e-12)
+    np.testing.assert_array_equal(d["correct"], z.argmax(1) == y)
+    # true sizes: equal to plain float64 where float64 holds them, finite even where float32 is 0
+    g64, _ = loss_gradient(float64_copy(model), x.astype(np.float64), y)
+    n64 = np.sqrt((g64.reshape(6, -1) ** 2).sum(1))
+    np.testing.assert_allclose(d["loss_log10_l2"], np.log10(n64), atol=1e-9)
+    assert np.all(np.isfinite(d["probs_log10_l2"]))
+    # at a higher T the same model is not saturated: the 1/T rescaling brings the gradient back
+    d_hot = gradient_diagnostics(model, x, y, T=60.0)
+    assert not d_hot["saturated"].any() and not d_hot["probs_all_zero"].any()
+    np.testing.assert_allclose(d_hot["margin"], d["margin"] / 60, rtol=1e-12)
+
+
+def test_summarize_reports_zeros_median_geometric_mean_and_the_pitfall():
+    from scratchnet.attacks.diagnostics import summarize
+    s = summarize(np.array([1e-10, 1e-10, 1e-10, 1.0, 0.0]))
+    assert s["n"] == 5 and s["fraction_zero"] == 0.2
+    assert s["log10_median"] == pytest.approx(-10)
+    assert s["log10_geometric_mean"] == -math.inf                     # one exact zero
+    assert s["log10_geometric_mean_nonzero"] == pytest.approx(-7.5)   # (-30 + 0) / 4
+    assert s["log10_mean_PITFALL"] == pytest.approx(math.log10((1 + 3e-10) / 5))
+    # log10 input, with a mask; far below float64's range
+    s = summarize(np.array([-400.0, -500.0, 2.0]), mask=np.array([True, True, False]), log10=True)
+    assert s["n"] == 2 and s["log10_median"] == pytest.approx(-450)
+    assert s["log10_mean_PITFALL"] == pytest.approx(-400 + math.log10((1 + 1e-100) / 2))

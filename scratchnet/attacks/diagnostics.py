@@ -54,7 +54,9 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
     labels : (N,) int true classes
     T : float > 0, the softmax temperature the gradients are taken at: 1 for
         the deployed model, T_train for Carlini and Wagner's rescaling
-    probs : also measure the probability Jacobian (K more backward passes)
+    probs : also measure the probability Jacobian (K more backward passes in each
+        dtype: with it, about 2 x (2 forward + 11 backward) passes per image, some
+        9 s per 100 images for Papernot's network on two CPU cores; without it 1 s)
 
     Returns
     -------
