@@ -4,6 +4,7 @@ Errors (a bad option, missing data, an unreadable model) are printed as one
 line on stderr with a non-zero exit status, never as a traceback.
 """
 import argparse
+import importlib
 import math
 import sys
 
@@ -87,12 +88,12 @@ def _add_train(sub):
 
 
 def run_train(args):
-    from .cache import get_model
+    from .cache import check_recipe, get_model
+    from .data import load_mnist
     from .model import save
-    T = 1.0 if args.T is None else args.T
     if args.recipe != "standard" and args.T is None:
         raise ValueError(f"--recipe {args.recipe} needs a temperature: add --T (e.g. --T 20)")
-    from .data import load_mnist
+    T = check_recipe(args.recipe, 1.0 if args.T is None else args.T)   # before any slow work
     data = load_mnist(args.data_dir, download=not args.no_download, progress=not args.quiet)
     model, meta = get_model(args.recipe, T, args.seed, args.epochs, architecture=args.architecture,
                             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -162,11 +163,12 @@ def run_evaluate(args):
 def _add_attack(sub):
     """Register ``attack``; its options come from scratchnet.attacks.command when present."""
     try:
-        from .attacks import command
+        command = importlib.import_module("scratchnet.attacks.command")
     except Exception as e:                     # missing or broken: say so when the command is used
+        reason = f"{type(e).__name__}: {e}"
         p = sub.add_parser("attack", help="attack a model (unavailable in this installation)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=lambda args: _attack_missing(e))
+        p.set_defaults(run=lambda args: _attack_missing(reason))
         return
     p = sub.add_parser("attack", help="craft adversarial examples against a saved model",
                        description="Craft adversarial examples against a saved model.")
@@ -174,9 +176,9 @@ def _add_attack(sub):
     p.set_defaults(run=command.run)
 
 
-def _attack_missing(error):
+def _attack_missing(reason):
     raise RuntimeError(f"the attack command is not available: scratchnet.attacks.command could not be "
-                       f"imported ({type(error).__name__}: {error})")
+                       f"imported ({reason})")
 
 
 # ===== entry point =====
