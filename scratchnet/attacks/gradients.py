@@ -135,6 +135,15 @@ def output_dlogits(z, v, wrt, T=1.0):
 
 # ===== input gradients (forward once, backward as often as needed) =====
 
+def input_backward(model, dz):
+    """dx = backprop of the logits cotangent dz (N, K) through the last forward pass.
+
+    An attack needs only the input gradient, so the parameter gradients are not
+    computed (``param_grads=False``: about half the work of a training backward).
+    """
+    return model.backward(dz, param_grads=False)
+
+
 def loss_gradient(model, x, labels, T=1.0):
     """d CE(softmax(z(x) / T), y) / dx for each image.
 
@@ -152,7 +161,7 @@ def loss_gradient(model, x, labels, T=1.0):
     T = check_T(T)
     z = model.logits(x)
     labels = check_labels(labels, z.shape[0], z.shape[1])
-    return model.backward(loss_dlogits(z, labels, T)), z
+    return input_backward(model, loss_dlogits(z, labels, T)), z
 
 
 def vjps(model, x, vs, wrt="probs", T=1.0):
@@ -172,7 +181,7 @@ def vjps(model, x, vs, wrt="probs", T=1.0):
     check_wrt(wrt, ("probs", "logits"), "a class-output vector-Jacobian product")
     T = check_T(T)
     z = model.logits(x)
-    return [model.backward(output_dlogits(z, v, wrt, T)) for v in vs], z
+    return [input_backward(model, output_dlogits(z, v, wrt, T)) for v in vs], z
 
 
 def jacobian(model, x, wrt="probs", T=1.0):
@@ -191,7 +200,7 @@ def jacobian(model, x, wrt="probs", T=1.0):
     for i in range(K):
         e_i = xp.zeros((N, K), dtype=z.dtype)
         e_i[:, i] = 1
-        rows.append(model.backward(output_dlogits(z, e_i, wrt, T)))
+        rows.append(input_backward(model, output_dlogits(z, e_i, wrt, T)))
     return xp.stack(rows, axis=1), z
 
 
@@ -208,7 +217,7 @@ def objective_gradient(model, x, objective):
     """
     z = model.logits(x)
     values, dz = objective(z)
-    return model.backward(dz), values, z
+    return input_backward(model, dz), values, z
 
 
 def attack_dlogits(z, labels, wrt, T=1.0, targets=None):
@@ -250,7 +259,7 @@ def attack_gradient(model, x, labels, wrt="loss", T=1.0, targets=None):
     check_wrt(wrt)
     T = check_T(T)
     z = model.logits(x)
-    return model.backward(attack_dlogits(z, labels, wrt, T, targets)), z
+    return input_backward(model, attack_dlogits(z, labels, wrt, T, targets)), z
 
 
 # ===== log-space magnitudes =====
@@ -319,7 +328,7 @@ def _scaled_backward(model64, log_mag, sign, T):
     s = log_mag.max(axis=1)                      # the log of the largest |dz_j|
     u = sign * xp.exp(log_mag - s[:, None])      # largest entry is exactly +-1: nothing underflows
     u = u / T                                    # the temperature: chain rule through z / T
-    return model64.backward(u), s
+    return input_backward(model64, u), s
 
 
 def log10_loss_grad_norms(model64, x, labels, T=1.0):
