@@ -100,7 +100,8 @@ def run_train(args):
                             train_size=args.train_size, data=data, cache_dir=args.cache_dir,
                             force=args.force, device=args.device, progress=not args.quiet)
     print(f"{meta['recipe']} model, trained at T = {meta['T']:g}, seed {meta['seed']}, {meta['epochs']} epochs: "
-          f"test accuracy {100 * meta['test_accuracy']:.2f} %, validation accuracy {100 * meta['val_accuracy']:.2f} %")
+          f"test accuracy {100 * meta['test_accuracy']:.2f} %"
+          + ("" if meta.get("val_accuracy") is None else f", validation accuracy {100 * meta['val_accuracy']:.2f} %"))
     print(f"at T = 1, {100 * meta['test_saturated_fraction']:.1f} % of test images have a top probability "
           f"of exactly 1.0 (mean logit margin {meta['test_mean_logit_margin']:.1f})")
     print(f"cached at {meta['path']}")

@@ -366,6 +366,11 @@ def _training_set(data, train_size):
     return data.train_x[:train_size], data.train_y[:train_size]
 
 
+def _validation_set(data):
+    """(val_x, val_y) for per-epoch validation, or None when no images were held out."""
+    return (data.val_x, data.val_y) if len(data.val_x) else None
+
+
 def _deploy(model, data, recipe, T, seed, epochs, history, started, settings, extra=None):
     """Evaluate at T = 1 and assemble the metadata a deployed model carries."""
     from . import __version__
@@ -407,7 +412,7 @@ def train_standard(data, seed=0, epochs=DEFAULT_EPOCHS["standard"], architecture
     started = time.perf_counter()
     x, y = _training_set(data, train_size)
     model = build_model(architecture, seed, device)
-    history = train(model, x, y, T=1.0, epochs=epochs, seed=seed, val=(data.val_x, data.val_y),
+    history = train(model, x, y, T=1.0, epochs=epochs, seed=seed, val=_validation_set(data),
                     checkpoint=checkpoint, progress=progress, desc="standard", **settings)
     return model, _deploy(model, data, "standard", 1.0, seed, epochs, history, started,
                           {"architecture": architecture, "train_size": len(x), **settings})
@@ -424,7 +429,7 @@ def train_temperature(data, T, seed=0, epochs=DEFAULT_EPOCHS["temperature"], arc
     started = time.perf_counter()
     x, y = _training_set(data, train_size)
     model = build_model(architecture, seed, device)
-    history = train(model, x, y, T=T, epochs=epochs, seed=seed, val=(data.val_x, data.val_y),
+    history = train(model, x, y, T=T, epochs=epochs, seed=seed, val=_validation_set(data),
                     checkpoint=checkpoint, progress=progress, desc=f"temperature T={T:g}", **settings)
     return model, _deploy(model, data, "temperature", T, seed, epochs, history, started,
                           {"architecture": architecture, "train_size": len(x), **settings})
@@ -467,7 +472,7 @@ def train_distilled(data, T, teacher, seed=0, epochs=DEFAULT_EPOCHS["distilled"]
     x, _ = _training_set(data, train_size)
     soft = distillation_targets(teacher, x, T)
     model = build_model(architecture, seed, device)
-    history = train(model, x, soft, T=T, epochs=epochs, seed=seed, val=(data.val_x, data.val_y),
+    history = train(model, x, soft, T=T, epochs=epochs, seed=seed, val=_validation_set(data),
                     checkpoint=checkpoint, progress=progress, desc=f"distilled T={T:g}", **settings)
     extra = {"teacher": teacher_info or {}, "teacher_target_mean_max": float(soft.max(axis=1).mean())}
     return model, _deploy(model, data, "distilled", T, seed, epochs, history, started,

@@ -310,3 +310,12 @@ def test_bad_recipe_and_temperature_are_value_errors():
         C.get_model("temperature", -3)
     with pytest.raises(ValueError, match="standard recipe trains at T = 1"):
         C.get_model("standard", 20)
+
+
+def test_recipe_without_validation_images_records_none(small, tmp_path):
+    data = _tiny(small)
+    data = MNIST(data.train_x, data.train_y, data.val_x[:0], data.val_y[:0], data.test_x, data.test_y,
+                 data.data_dir, data.validation_seed)
+    model, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert meta["val_accuracy"] is None and "val_accuracy" not in meta["history"][0]
+    assert meta["test_accuracy"] > 0.1
