@@ -140,7 +140,7 @@ def jsma(model, x, labels, targets, wrt="probs", T=1.0, theta=1.0, max_distortio
     pred_before = xp.asarray(model.predict(x))
     iterations = np.zeros(N, dtype=np.int64)
     empty = np.zeros(N, dtype=bool)
-    K = None
+    K = int(model.logits(x[:1]).shape[1])                  # number of classes
     with tqdm(total=N, desc="JSMA", disable=not progress) as bar:
         for sl in batches(N, batch_size):
             idx = np.arange(sl.start, sl.stop)
@@ -149,7 +149,6 @@ def jsma(model, x, labels, targets, wrt="probs", T=1.0, theta=1.0, max_distortio
             while len(idx):
                 ix = xp.asarray(idx)
                 t = targets[ix]
-                K = K or int(model.logits(x_adv[ix[:1]]).shape[1])
                 e_t = one_hot(t, K, xp, x.dtype)
                 # alpha = d F_t/dx and beta = d sum_{j != t} F_j/dx: two VJPs of one forward
                 (alpha, beta), z = vjps(model, x_adv[ix], [e_t, 1 - e_t], wrt, T)
