@@ -140,9 +140,9 @@ class AttackResult:
             "n_images": int(len(self.labels)), "n_correct": n_ok, "n_success": n_won,
             "success_rate": (n_won / n_ok) if n_ok else float("nan"),
             "untargeted_success_rate": (int((self.success & ok).sum()) / n_ok) if n_ok else float("nan"),
-            "note": (f"success rate = attacks that {goal} / images the model classified correctly "
-                     f"before the attack ({n_won} / {n_ok}; {len(self.labels) - n_ok} misclassified "
-                     "clean images are not counted)"),
+            "note": (f"success rate = attacks that {goal} / attacks on images the model classified "
+                     f"correctly before the attack ({n_won} / {n_ok}; {len(self.labels) - n_ok} attacks on "
+                     "misclassified clean images are not counted)"),
         }
         for name in ("l0", "l2", "linf", "iterations", "gradient_evals"):
             vals = getattr(self, name)[won]
