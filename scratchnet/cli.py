@@ -120,7 +120,7 @@ def _add_evaluate(sub):
         description="Evaluate a saved model on the 10,000 MNIST test images at T = 1: accuracy, "
                     "confusion counts, the mean top probability, and the fraction of images whose "
                     "top probability is exactly 1.0 in the model's dtype (float32).")
-    p.add_argument("model", help="a model .npz written by 'scratchnet train'")
+    p.add_argument("model", metavar="MODEL.npz", help="a model .npz written by 'scratchnet train'")
     p.add_argument("--T", type=positive_float, default=1.0, help="deployment temperature (default 1)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the four MNIST .gz files (default $SCRATCHNET_DATA, then ~/.cache/scratchnet/mnist)")
@@ -187,7 +187,8 @@ def _attack_missing(reason):
 def build_parser():
     parser = _Parser(prog="scratchnet",
                      description="scratchnet: a convolutional network written by hand, to show that "
-                                 "defensive distillation is gradient masking.")
+                                 "defensive distillation is gradient masking.",
+                     epilog="Run 'scratchnet COMMAND --help' for the options of each command.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,attack}", parser_class=_Parser)
     _add_train(sub)
     _add_evaluate(sub)
