@@ -23,6 +23,7 @@ the number of dimensions d, then d 32-bit sizes, then the values.
 """
 import gzip
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -201,7 +202,8 @@ def download_file(name, folder, mirrors=None, opener=None, progress=True):
             read_idx_gz(tmp, IDX_SHA256[name])        # the content must be right before it gets the name
             os.replace(tmp, final)
             return final
-        except (OSError, ValueError) as e:            # URLError is an OSError; DataError a ValueError
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            # URLError and timeouts are OSErrors, DataError a ValueError, a cut transfer an IncompleteRead
             failures.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):

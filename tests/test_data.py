@@ -5,6 +5,7 @@ fake opener.
 """
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import struct
@@ -169,17 +170,19 @@ def test_a_mirror_serving_a_corrupt_file_is_rejected_and_leaves_nothing(tmp_path
     assert os.listdir(target) == [name] and good == str(target / name)
 
 
-def test_interrupted_download_never_appears_under_the_final_name(tmp_path):
+@pytest.mark.parametrize("error", [ConnectionResetError("connection reset"),
+                                   http.client.IncompleteRead(b"x" * 12, 988)])
+def test_interrupted_download_never_appears_under_the_final_name(tmp_path, error):
     class Broken:
         headers = {"Content-Length": "1000"}
 
         def __init__(self):
-            self.calls = 0
+            self.calls, self.error = 0, error
 
         def read(self, n):
             self.calls += 1
             if self.calls > 1:
-                raise ConnectionResetError("connection reset")
+                raise self.error
             return b"\x1f\x8b" + b"x" * 10
 
         def __enter__(self):
@@ -188,7 +191,7 @@ def test_interrupted_download_never_appears_under_the_final_name(tmp_path):
         def __exit__(self, *exc):
             return False
 
-    with pytest.raises(D.DataNotFoundError, match="connection reset"):
+    with pytest.raises(D.DataNotFoundError, match="could not download t10k-labels"):
         D.download_file("t10k-labels-idx1-ubyte.gz", str(tmp_path), mirrors=["https://m.invalid/"],
                         opener=lambda url: Broken(), progress=False)
     assert os.listdir(tmp_path) == []
