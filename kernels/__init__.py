@@ -17,22 +17,24 @@ never requires CuPy.
 
 The whole-layer convolution (``conv2d_forward``, ``conv2d_backward``) is a
 kernel too, so that the CPU can run it one image per thread without ever
-building the batch's whole im2col matrix. An implementation that has no such
-kernel (the GPU) gets the composition of its own im2col / col2im with its
-array module's matrix product, exactly as in ``kernels/reference.py``.
+building the batch's whole im2col matrix; so is ReLU, which the CPU does in
+one parallel pass. An implementation that lacks these (the GPU) gets the
+generic versions below: its own im2col / col2im with its array module's
+matrix product, and ReLU from array operators, exactly as in
+``kernels/reference.py``.
 """
 import numpy as np
 
 from . import reference
 
-NAMES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "conv2d_forward", "conv2d_backward")
-CONV_NAMES = ("conv2d_forward", "conv2d_backward")
+NAMES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "conv2d_forward", "conv2d_backward",
+         "relu_forward", "relu_backward")
 
 _tables = {"reference": {name: getattr(reference, name) for name in NAMES}}
 
 
-def _conv2d_from_im2col(im2col, col2im):
-    """conv2d_forward / conv2d_backward built from an im2col / col2im pair (see kernels.reference)."""
+def _generic_kernels(im2col, col2im):
+    """conv2d_* built from an im2col / col2im pair, and relu_* from array operators (see kernels.reference)."""
 
     def conv2d_forward(x, W, b, stride, pad):
         N, _, H, Wd = x.shape
@@ -49,7 +51,14 @@ def _conv2d_from_im2col(im2col, col2im):
             return dx, None, None
         return dx, (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape), dy2.sum(axis=0)
 
-    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward}
+    def relu_forward(x):
+        return x.clip(0, None)                    # max(x, 0), NaN kept, with array methods only
+
+    def relu_backward(dy, y):
+        return dy * (y > 0)
+
+    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward,
+            "relu_forward": relu_forward, "relu_backward": relu_backward}
 
 
 def _table(impl):
@@ -61,8 +70,8 @@ def _table(impl):
         else:
             raise ValueError(f"unknown kernel implementation {impl!r}; expected 'reference', 'cpu' or 'gpu'")
         table = {name: getattr(module, name) for name in NAMES if hasattr(module, name)}
-        if not all(name in table for name in CONV_NAMES):
-            table.update(_conv2d_from_im2col(table["im2col"], table["col2im"]))
+        generic = _generic_kernels(table["im2col"], table["col2im"])
+        table.update({name: generic[name] for name in generic if name not in table})
         _tables[impl] = table
     return _tables[impl]
 

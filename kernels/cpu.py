@@ -15,11 +15,23 @@ with BLAS, and writes that image's output. This never builds the batch's
 whole im2col matrix (85 MB for the Papernot network's second convolution at
 batch 128), whose trips to main memory cost more than the arithmetic.
 
-Threads: Numba's thread pool is the only one that runs in parallel here. The
-BLAS calls made inside it are limited to one thread each (``_one_blas_thread``);
-otherwise OpenBLAS would start its own threads under Numba's, and the two
-pools would fight over the same cores.
+Threads: Numba's thread pool is the only one that runs in parallel. Importing
+this module therefore
+
+* sets every BLAS library (NumPy's, and SciPy's, which Numba's ``np.dot``
+  calls) to one thread, so OpenBLAS never starts threads under Numba's; and
+* picks Numba's ``workqueue`` threading layer, whose idle threads sleep,
+  unless ``NUMBA_THREADING_LAYER`` names another.
+
+Both choices come from measurements on the project's 2-core machine
+(``experiments/bench.py``): OpenMP's and OpenBLAS's idle threads spin, and a
+spinning thread takes a core the working threads need. Training step, batch
+128, while other jobs shared the machine: OpenMP layer with 2 BLAS threads
+642 ms wall / 309 ms CPU; workqueue with 1 BLAS thread 289 ms / 165 ms.
+``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
+import os
+
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls; loaded so threadpoolctl sees it)
@@ -27,6 +39,11 @@ from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
 from .reference import output_size
+
+if "NUMBA_THREADING_LAYER" not in os.environ:    # the user's explicit choice wins
+    numba.config.THREADING_LAYER = "workqueue"   # takes effect at the first parallel kernel
+_threadpools = ThreadpoolController()
+_threadpools.limit(limits=1, user_api="blas")
 
 
 # ===== im2col / col2im =====
@@ -158,13 +175,41 @@ def maxpool_backward(dy, argmax, x_shape, KH, KW, stride):
     return dx
 
 
+# ===== ReLU =====
+
+@njit(parallel=True, cache=True)
+def _relu_forward(x, y):
+    x_flat, y_flat = x.ravel(), y.ravel()
+    for i in prange(x_flat.size):            # each thread writes its own range of elements
+        y_flat[i] = np.maximum(x_flat[i], 0)   # np.maximum keeps a NaN, as the reference does
+
+
+def relu_forward(x):
+    """Fast ReLU in one parallel pass; see ``kernels.reference.relu_forward``."""
+    y = np.empty_like(x)
+    _relu_forward(np.ascontiguousarray(x), y)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward(dy, y, dx):
+    dy_flat, y_flat, dx_flat = dy.ravel(), y.ravel(), dx.ravel()
+    for i in prange(dy_flat.size):
+        dx_flat[i] = dy_flat[i] * (y_flat[i] > 0)
+
+
+def relu_backward(dy, y):
+    """Fast ReLU gradient in one parallel pass; see ``kernels.reference.relu_backward``."""
+    dx = np.empty(dy.shape, dtype=dy.dtype)
+    _relu_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), dx)
+    return dx
+
+
 # ===== threads =====
 
-_threadpools = ThreadpoolController()
-
-
 def _one_blas_thread():
-    """Context in which every BLAS library runs single-threaded (Numba's threads call it)."""
+    """Context in which every BLAS library runs single-threaded, whatever the user
+    set since the import: Numba's threads call BLAS inside the conv kernels."""
     return _threadpools.limit(limits=1, user_api="blas")
 
 

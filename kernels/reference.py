@@ -170,3 +170,35 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
     dW = (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape)
     db = dy2.sum(axis=0)
     return dx, dW, db
+
+
+# ===== ReLU =====
+
+def relu_forward(x):
+    """y = max(x, 0), elementwise; a NaN stays NaN (a diverged network must show it).
+
+    Parameters
+    ----------
+    x : array of any shape
+
+    Returns
+    -------
+    y : array, x's shape and dtype
+    """
+    return np.maximum(x, 0)
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, 0 elsewhere: y = relu(x) is positive exactly where x is,
+    so the forward output serves as the mask and no separate mask is kept.
+
+    Parameters
+    ----------
+    dy : array, gradient w.r.t. y
+    y : array of dy's shape, relu_forward's output
+
+    Returns
+    -------
+    dx : array, dy's shape and dtype
+    """
+    return dy * (y > 0)

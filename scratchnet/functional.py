@@ -133,15 +133,19 @@ def maxpool_backward(dy, cache):
 # ===== ReLU =====
 
 def relu_forward(x):
-    """y = max(x, 0). Local derivative: 1 where x > 0, else 0."""
+    """y = max(x, 0). Local derivative: 1 where x > 0, else 0.
+
+    The cache keeps y itself: y > 0 exactly where x > 0, so y is the mask.
+    """
     xp = get_array_module(x)
-    y = xp.maximum(x, 0)
-    return y, {"positive": x > 0}
+    y = kernels.get("relu_forward", xp)(x)
+    return y, {"y": y}
 
 
 def relu_backward(dy, cache):
-    """dx = dy where the input was positive, 0 elsewhere."""
-    return dy * cache["positive"]
+    """dx = dy where the input was positive (where y > 0), 0 elsewhere."""
+    xp = get_array_module(dy)
+    return kernels.get("relu_backward", xp)(dy, cache["y"])
 
 
 # ===== flatten =====
