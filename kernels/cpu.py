@@ -333,19 +333,23 @@ def conv2d_forward(x, W, b, stride, pad):
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dW_parts, db_parts, cols, dcols):
+def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dWT_parts, dWT_image, db_parts,
+                     cols, dcols):
     N, F = dy.shape[0], dy.shape[1]
     WmT = Wm.T                               # (C*KH*KW, F), a view
-    dW_parts[:] = 0.0
+    dWT_parts[:] = 0.0
     db_parts[:] = 0.0
-    for n in prange(N):                      # this thread alone writes dx[n] and its own dW_parts[t]
+    for n in prange(N):                      # this thread alone writes dx[n] and its own dWT_parts[t]
         t = numba.get_thread_id()
         dyn = dy[n].reshape(F, -1)           # (F, OH*OW)
         np.dot(WmT, dyn, dcols[t])           # dcols_n = W^T dy_n
         _fold(dcols[t], KH, KW, stride, pad, dx[n])
         if param_grads:
             _unfold(x[n], KH, KW, stride, pad, cols[t])
-            dW_parts[t] += np.dot(dyn, cols[t].T)   # dW += dy_n cols_n^T
+            # dW^T += cols_n dy_n^T: the same product as dW += dy_n cols_n^T, but in the
+            # operand order BLAS runs about 1.4x faster for these shapes
+            np.dot(cols[t], dyn.T, dWT_image[t])
+            dWT_parts[t] += dWT_image[t]
             for f in range(F):
                 db_parts[t, f] += dyn[f].sum()
 
@@ -357,14 +361,16 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
     T = numba.get_num_threads()
     P = dy.shape[2] * dy.shape[3]
     dx = np.empty(x.shape, dtype=dtype)
-    dW_parts = np.empty((T, F, C * KH * KW), dtype=dtype)   # one partial sum per thread, added below
+    dWT_parts = np.empty((T, C * KH * KW, F), dtype=dtype)  # one partial sum of dW^T per thread
+    dWT_image = np.empty((T, C * KH * KW, F), dtype=dtype)  # one image's term, before it is added
     db_parts = np.empty((T, F), dtype=dtype)
     cols = np.empty((T, C * KH * KW, P), dtype=dtype)
     dcols = np.empty((T, C * KH * KW, P), dtype=dtype)
     with _one_blas_thread():
         _conv2d_backward(np.ascontiguousarray(dy, dtype), np.ascontiguousarray(x, dtype),
                          np.ascontiguousarray(W.reshape(F, -1), dtype), KH, KW, stride, pad,
-                         param_grads, dx, dW_parts, db_parts, cols, dcols)
+                         param_grads, dx, dWT_parts, dWT_image, db_parts, cols, dcols)
     if not param_grads:
         return dx, None, None
-    return dx, dW_parts.sum(axis=0).reshape(W.shape), db_parts.sum(axis=0)
+    dW = np.ascontiguousarray(dWT_parts.sum(axis=0).T).reshape(W.shape)
+    return dx, dW, db_parts.sum(axis=0)
