@@ -8,7 +8,10 @@ Measures two passes of the Papernot MNIST network in float32:
   backward to the input image, batch 1000; what every gradient attack does.
 
 Each figure is the median over ``--repeats`` timed runs, after ``--warmup``
-untimed ones (Numba compilation, first-touch of buffers). Where PyTorch is
+untimed ones (Numba compilation, first-touch of buffers). Beside the wall
+clock, the process's CPU time per pass is reported: on a machine shared with
+other jobs the wall clock says how long a pass took, the CPU time how much
+work it cost (including threads spinning while they wait). Where PyTorch is
 importable, the same network built in PyTorch is measured in the same run, and
 the ratio scratchnet / PyTorch is printed. PyTorch is only a baseline here; the
 package never needs it.
@@ -18,6 +21,7 @@ Usage::
     python experiments/bench.py                 # both libraries, print a table
     python experiments/bench.py --out bench.json   # also write the figures as JSON
     python experiments/bench.py --no-torch --repeats 5
+    python experiments/bench.py --threads 1     # one core each: compare the work, not the scheduling
 
 The images are random uniform [0, 1) pixels and random labels (the speed of the
 network does not depend on what the images show), so no data set is needed.
@@ -30,6 +34,7 @@ import statistics
 import sys
 import time
 
+import numba
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,11 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--grad-batch", type=int, default=1000, help="images per input-gradient pass (default 1000)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for Numba and for PyTorch (default: each library's own default, all cores)")
     p.add_argument("--no-torch", action="store_true", help="measure scratchnet only")
     p.add_argument("--out", metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    for name in ("train_batch", "grad_batch", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("train_batch", "grad_batch", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
@@ -59,15 +66,27 @@ def parse_args(argv=None):
 
 
 def timed(fn, repeats, warmup):
-    """Median and every wall-clock time (seconds) of ``fn()`` over ``repeats`` runs."""
+    """Wall-clock times and process CPU times (seconds) of ``fn()`` over ``repeats`` runs."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def figures(train, grad, args):
+    """Medians and throughputs of the two passes' timings."""
+    (train_wall, train_cpu), (grad_wall, grad_cpu) = train, grad
+    t_train, t_grad = statistics.median(train_wall), statistics.median(grad_wall)
+    return {"train_step_s": t_train, "train_images_per_s": args.train_batch / t_train,
+            "train_step_cpu_s": statistics.median(train_cpu),
+            "input_grad_s": t_grad, "input_grad_images_per_s": args.grad_batch / t_grad,
+            "input_grad_cpu_s": statistics.median(grad_cpu),
+            "train_step_times_s": train_wall, "input_grad_times_s": grad_wall}
 
 
 def fake_mnist(n, seed):
@@ -96,12 +115,11 @@ def bench_scratchnet(args):
         _, dz = softmax_cross_entropy(z, y_grad)
         return model.backward(dz, param_grads=False)   # attacks need dL/dx only
 
-    t_train, all_train = timed(train_step, args.repeats, args.warmup)
-    t_grad, all_grad = timed(input_gradient, args.repeats, args.warmup)
-    return {"train_step_s": t_train, "train_images_per_s": args.train_batch / t_train,
-            "input_grad_s": t_grad, "input_grad_images_per_s": args.grad_batch / t_grad,
-            "train_step_times_s": all_train, "input_grad_times_s": all_grad,
-            "threads": cpu_kernels.describe_threads()}
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    train = timed(train_step, args.repeats, args.warmup)
+    grad = timed(input_gradient, args.repeats, args.warmup)
+    return {**figures(train, grad, args), "threads": cpu_kernels.describe_threads()}
 
 
 # ===== PyTorch (baseline only) =====
@@ -110,6 +128,8 @@ def bench_torch(args):
     import torch
     from torch import nn
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -135,12 +155,9 @@ def bench_torch(args):
         (dx,) = torch.autograd.grad(loss_fn(model(x), y_grad), x)
         return dx
 
-    t_train, all_train = timed(train_step, args.repeats, args.warmup)
-    t_grad, all_grad = timed(input_gradient, args.repeats, args.warmup)
-    return {"version": torch.__version__, "num_threads": torch.get_num_threads(),
-            "train_step_s": t_train, "train_images_per_s": args.train_batch / t_train,
-            "input_grad_s": t_grad, "input_grad_images_per_s": args.grad_batch / t_grad,
-            "train_step_times_s": all_train, "input_grad_times_s": all_grad}
+    train = timed(train_step, args.repeats, args.warmup)
+    grad = timed(input_gradient, args.repeats, args.warmup)
+    return {"version": torch.__version__, "num_threads": torch.get_num_threads(), **figures(train, grad, args)}
 
 
 def main(argv=None):
@@ -171,17 +188,28 @@ def main(argv=None):
         t = results["torch"]
         print(f"PyTorch {t['version']}: {t['num_threads']} threads")
         rows.append(("PyTorch", t))
-    print(f"\n{'':12s} {'train step (batch ' + str(args.train_batch) + ')':>28s} "
-          f"{'input gradient (batch ' + str(args.grad_batch) + ')':>32s}")
+    print(f"\n{'':12s} {'train step (batch ' + str(args.train_batch) + ')':>36s}"
+          f"{'input gradient (batch ' + str(args.grad_batch) + ')':>40s}")
+    print(f"{'':12s} {'img/s':>10s} {'wall ms':>10s} {'CPU ms':>10s}   {'img/s':>10s} {'wall ms':>12s} {'CPU ms':>12s}")
     for name, r in rows:
-        print(f"{name:12s} {r['train_images_per_s']:12,.0f} img/s {r['train_step_s'] * 1e3:8.1f} ms "
-              f"{r['input_grad_images_per_s']:16,.0f} img/s {r['input_grad_s'] * 1e3:8.1f} ms")
+        print(f"{name:12s} {r['train_images_per_s']:10,.0f} {r['train_step_s'] * 1e3:10.1f} "
+              f"{r['train_step_cpu_s'] * 1e3:10.1f}   {r['input_grad_images_per_s']:10,.0f} "
+              f"{r['input_grad_s'] * 1e3:12.1f} {r['input_grad_cpu_s'] * 1e3:12.1f}")
     if "torch" in results:
         t = results["torch"]
         results["ratio"] = {"train": s["train_images_per_s"] / t["train_images_per_s"],
-                            "input_grad": s["input_grad_images_per_s"] / t["input_grad_images_per_s"]}
-        print(f"{'ratio':12s} {results['ratio']['train']:18.2f}x {'':11s}"
-              f"{results['ratio']['input_grad']:22.2f}x   (scratchnet / PyTorch)")
+                            "input_grad": s["input_grad_images_per_s"] / t["input_grad_images_per_s"],
+                            "train_cpu": t["train_step_cpu_s"] / s["train_step_cpu_s"],
+                            "input_grad_cpu": t["input_grad_cpu_s"] / s["input_grad_cpu_s"]}
+        r = results["ratio"]
+        print(f"{'ratio':12s} {r['train']:9.2f}x {'':10s} {r['train_cpu']:9.2f}x   {r['input_grad']:9.2f}x "
+              f"{'':12s} {r['input_grad_cpu']:11.2f}x")
+        print("(ratio: scratchnet's throughput / PyTorch's, and PyTorch's CPU time / scratchnet's; above 1 = scratchnet ahead)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None:
+        results["load_average_1min"] = load
+        print(f"load average over the last minute: {load:.1f} on {os.cpu_count()} CPUs"
+              + ("  (the machine is shared: wall times are inflated)" if load > 0.5 + (args.threads or 0) else ""))
     if torch_error:
         print(torch_error)
     epoch_s = 60000 / s["train_images_per_s"]

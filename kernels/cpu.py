@@ -26,8 +26,9 @@ this module therefore
 Both choices come from measurements on the project's 2-core machine
 (``experiments/bench.py``): OpenMP's and OpenBLAS's idle threads spin, and a
 spinning thread takes a core the working threads need. Training step, batch
-128, while other jobs shared the machine: OpenMP layer with 2 BLAS threads
-642 ms wall / 309 ms CPU; workqueue with 1 BLAS thread 289 ms / 165 ms.
+128, while other jobs shared the machine (load average about 10): OpenMP
+layer with 2 BLAS threads 642 ms wall / 309 ms CPU; workqueue with 1 BLAS
+thread 289 ms / 165 ms.
 ``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
 import os
