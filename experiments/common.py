@@ -158,25 +158,41 @@ def fmt_T(Ts):
 class ResultStore:
     """One JSON file per finished measurement, keyed by everything it depends on."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, also_read=()):
+        """``also_read``: other experiments' result folders, searched (read-only) for the
+        same key before computing: a key names everything a result depends on, so a
+        measurement one script finished is reused by another."""
         self.folder = os.path.join(folder, "parts")
+        self.also_read = [os.path.join(f, "parts") for f in also_read]
         os.makedirs(self.folder, exist_ok=True)
 
-    def _path(self, key):
+    @staticmethod
+    def _name(key):
         blob = json.dumps(key, sort_keys=True, default=str)
-        return os.path.join(self.folder, hashlib.sha256(blob.encode()).hexdigest()[:16] + ".json")
+        return hashlib.sha256(blob.encode()).hexdigest()[:16] + ".json"
 
-    def get_or_compute(self, key, compute):
-        """The stored result for ``key``, or ``compute()`` stored for next time."""
-        path = self._path(key)
+    def _path(self, key):
+        return os.path.join(self.folder, self._name(key))
+
+    @staticmethod
+    def _read(path, key):
         if os.path.exists(path):
             try:
                 with open(path) as f:
                     stored = json.load(f)
                 if stored.get("key") == json.loads(json.dumps(key, default=str)):
-                    return stored["result"]
+                    return stored
             except (OSError, json.JSONDecodeError):
                 pass                          # unreadable: compute again
+        return None
+
+    def get_or_compute(self, key, compute):
+        """The stored result for ``key``, or ``compute()`` stored for next time."""
+        path = self._path(key)
+        for p in [path] + [os.path.join(f, self._name(key)) for f in self.also_read]:
+            stored = self._read(p, key)
+            if stored is not None:
+                return _from_jsonable(stored["result"])
         result = compute()
         write_json(path, {"key": key, "result": result})
         return result
@@ -210,6 +226,20 @@ def _jsonable(x):
         return int(x)
     if isinstance(x, np.bool_):
         return bool(x)
+    return x
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _from_jsonable(x):
+    """Undo ``_jsonable``'s spelling of non-finite floats, so a stored result reads back as computed."""
+    if isinstance(x, dict):
+        return {k: _from_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_jsonable(v) for v in x]
+    if isinstance(x, str) and x in _NON_FINITE:
+        return _NON_FINITE[x]
     return x
 
 

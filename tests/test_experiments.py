@@ -1,0 +1,183 @@
+"""Smoke tests of the experiment scripts, each run as a user runs it (a subprocess).
+
+One tiny configuration serves every script: the small network, trained on
+4,000 images for 3 epochs at T = 1 and T = 30. Measured on this machine, its
+logits already grow enough with T for the masked gradient at T = 30 to be
+about 10^-3 of the T = 1 model's, while the rescaled one stays within a
+factor of 2 (see ``test_grad_vs_T``). The models are trained once, in a
+module-wide cache folder, and shared by all the tests.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import mnist_dir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXPERIMENTS = os.path.normpath(os.path.join(HERE, "..", "experiments"))
+sys.path.insert(0, EXPERIMENTS)
+
+import attack_vs_T  # noqa: E402  (the scripts' documented columns)
+import distillation_vs_temperature  # noqa: E402
+import grad_vs_T  # noqa: E402
+import saturation  # noqa: E402
+
+TINY = ["--T", "1", "30", "--architecture", "small", "--train-size", "4000", "--epochs", "3", "--no-progress"]
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(mnist_dir(), "train-images-idx3-ubyte.gz")),
+                                reason=f"MNIST not found in {mnist_dir()} (set SCRATCHNET_DATA)")
+
+
+def run(script, args, cwd, env_extra=None):
+    env = dict(os.environ, SCRATCHNET_DATA=mnist_dir(), **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A working folder and one model cache for the whole module."""
+    root = tmp_path_factory.mktemp("experiments")
+    return {"root": root, "cache": str(root / "models")}
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+# ===== the scripts on a tiny configuration =====
+
+def test_grad_vs_T(work):
+    out = work["root"] / "grad"
+    proc = run("grad_vs_T.py", TINY + ["--n", "40", "--cache-dir", work["cache"], "--out", str(out)], work["root"])
+    check_ok(proc)
+    for name in ("grad_vs_T.csv", "grad_vs_T.json", "grad_vs_T.png"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "grad_vs_T.csv")
+    assert columns == grad_vs_T.COLUMNS
+    # 3 models (standard, temperature and distilled at T = 30) x 2 sources x 2 quantities
+    assert len(rows) == 12
+
+    def row(recipe, T, source):
+        return next(r for r in rows if r["recipe"] == recipe and float(r["T"]) == T
+                    and r["source"] == source and r["quantity"] == "loss")
+
+    masked = float(row("temperature", 30, "masked")["suppression_log10_geomean"])
+    rescaled = float(row("temperature", 30, "rescaled")["suppression_log10_geomean"])
+    # the masked gradient shrinks by orders of magnitude; the rescaled one does not
+    assert masked < -1.5, f"masked gradient at T = 30 only 10^{masked:.2f} of T = 1's"
+    assert rescaled > -1.0, f"rescaled gradient at T = 30 is 10^{rescaled:.2f} of T = 1's"
+    assert float(row("standard", 1, "masked")["suppression_log10_geomean"]) == 0.0
+    assert "log10 suppression" in proc.stdout
+
+    # a rerun reuses every model and every result: nothing is trained or measured again
+    before = sorted(os.listdir(out / "parts"))
+    again = run("grad_vs_T.py", TINY + ["--n", "40", "--cache-dir", work["cache"], "--out", str(out)], work["root"])
+    check_ok(again)
+    assert sorted(os.listdir(out / "parts")) == before
+    assert read_csv(out / "grad_vs_T.csv")[1] == rows
+
+
+def test_attack_vs_T(work):
+    out = work["root"] / "attack"
+    args = TINY + ["--n", "2", "--n-fgsm", "20", "--n-cw", "2", "--eps", "0.2",
+                   "--cache-dir", work["cache"], "--out", str(out)]
+    proc = run("attack_vs_T.py", args, work["root"])
+    check_ok(proc)
+    for name in ("attack_vs_T.csv", "attack_vs_T.json", "attack_vs_T.png", "attack_vs_T_distortion.png"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "attack_vs_T.csv")
+    assert columns == attack_vs_T.COLUMNS
+    # 3 models x (JSMA, FGSM at one eps, C&W) x (masked, fixed)
+    assert len(rows) == 18
+    for r in rows:
+        n_correct, n_success = int(r["n_correct"]), int(r["n_success"])
+        assert 0 <= n_success <= n_correct <= int(r["n_images"])
+        assert int(r["n_attempts"]) == n_correct
+        if r["attack"] == "jsma":
+            assert int(r["n_images"]) == 2 * 9                 # every source image at its 9 other classes
+        if r["source"] == "masked":
+            assert r["wrt"] in ("probs", "loss") and float(r["attack_T"]) == 1.0
+        elif float(r["T"]) == 30 and r["attack"] != "cw":
+            assert float(r["attack_T"]) == 30.0                # softmax(z / T_train)
+    cw_fixed = [r for r in rows if r["attack"] == "cw" and r["source"] == "fixed"]
+    assert all(r["wrt"] == "logits" for r in cw_fixed)
+    assert "success rate over correctly classified images" in proc.stdout
+    assert "Carlini and Wagner" in proc.stdout
+
+
+def test_distillation_vs_temperature(work):
+    out = work["root"] / "distillation"
+    args = TINY + ["--seeds", "0", "--n", "40", "--n-jsma", "2", "--n-fgsm", "20", "--eps", "0.2",
+                   "--cache-dir", work["cache"], "--out", str(out),
+                   "--reuse", str(work["root"] / "grad"), str(work["root"] / "attack")]
+    proc = run("distillation_vs_temperature.py", args, work["root"])
+    check_ok(proc)
+    for name in ("distillation_vs_temperature.csv", "distillation_vs_temperature.json",
+                 "distillation_vs_temperature.png"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "distillation_vs_temperature.csv")
+    assert columns == distillation_vs_temperature.COLUMNS
+    assert [r["measure"] for r in rows] == [m[0] for m in distillation_vs_temperature.MEASURES]
+    acc = rows[0]
+    assert float(acc["temperature_lo"]) <= float(acc["temperature_mean"]) <= float(acc["temperature_hi"])
+    # the measurements grad_vs_T and attack_vs_T finished were read, not recomputed:
+    # only this script's own store is empty of them
+    if (out / "parts").exists():
+        assert len(os.listdir(out / "parts")) == 0
+    # the verdict paragraph, whichever way the numbers decide it
+    assert ("distillation adds nothing detectable" in proc.stdout) != ("distillation does add something" in proc.stdout)
+
+
+def test_saturation(work):
+    out = work["root"] / "saturation"
+    proc = run("saturation.py", TINY + ["--cache-dir", work["cache"], "--out", str(out)], work["root"])
+    check_ok(proc)
+    for name in ("saturation.png", "saturation.csv", "saturation.json"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "saturation.csv")
+    assert columns == saturation.COLUMNS
+    assert [(r["recipe"], float(r["T"])) for r in rows] == [("standard", 1.0), ("temperature", 30.0)]
+    assert all(r["label"] == r["prediction"] for r in rows)     # the shown digit is classified correctly
+    # at T = 1 the rescaled gradient is the masked one
+    assert float(rows[0]["masked_log10_l2"]) == pytest.approx(float(rows[0]["rescaled_log10_l2"]))
+    with open(out / "saturation.json") as f:
+        assert len(json.load(f)["log10_probs"][0]) == 10
+
+
+# ===== command-line errors: one line on stderr, non-zero exit =====
+
+SCRIPTS = ["grad_vs_T.py", "attack_vs_T.py", "distillation_vs_temperature.py", "saturation.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_temperature(script, tmp_path):
+    proc = run(script, ["--T", "-5", "--out", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--T" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unreadable_data(script, tmp_path):
+    """MNIST files that are not MNIST: one line naming the problem, no traceback."""
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes(b"not a gzip file")
+    proc = run(script, TINY + ["--data-dir", str(data), "--cache-dir", str(tmp_path / "models"),
+                               "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
