@@ -195,25 +195,27 @@ def plot_success(rows, path, settings):
 
     plan = attack_plan(settings)
     fig, axes = plt.subplots(1, len(plan), figsize=(4.3 * len(plan), 4.6), sharey=True)
-    for ax, (attack, eps) in zip(np.atleast_1d(axes), plan):
-        for recipe in settings["recipes"]:
-            for source in SOURCES:
-                c, st = STYLE[(recipe, source)]
-                Ts, v = series(rows, attack, eps, recipe, source, "success_rate")
-                ax.plot(Ts, [100 * x for x in v], st, color=c, alpha=1 if source == "masked" else 0.75,
-                        label=f"{recipe}, {SOURCE_LABEL[source]}")
-        n = next(r["n_attempts"] for r in rows if r["attack"] == attack and r["eps"] == eps and r["recipe"] == "standard")
+    lines = [(recipe, source) for recipe in settings["recipes"] for source in SOURCES]
+    axes = np.atleast_1d(axes)
+    for ax, (attack, eps) in zip(axes, plan):
+        for i, (recipe, source) in enumerate(lines):
+            c, st = STYLE[(recipe, source)]
+            Ts, v = series(rows, attack, eps, recipe, source, "success_rate")
+            ax.plot(common.nudge(Ts, i, len(lines)), [100 * x for x in v], st, color=c,
+                    alpha=1 if source == "masked" else 0.75, label=f"{recipe}, {SOURCE_LABEL[source]}")
+        n = sum(r["n_attempts"] for r in rows if r["attack"] == attack and r["eps"] == eps
+                and r["recipe"] == "standard" and r["source"] == "masked")
         ax.set_title(f"{label(attack, eps)}\n({n} attempts on the T = 1 model)", fontsize=10)
-        ax.set_xscale("log")
+        common.temperature_axis(ax, Ts)
         ax.set_ylim(-3, 103)
-        ax.set_xlabel("training temperature T (log scale)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("attack success rate (% of correctly classified)")
-    axes[0].legend(fontsize=7.5, loc="center left")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(lines), fontsize=9, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"Attack success against the training temperature, deployed at T = 1 "
                  f"({settings['architecture']} network, {settings['epochs']} epochs on "
-                 f"{settings['train_size'] or 55000} images)")
-    fig.tight_layout()
+                 f"{settings['train_size'] or 55000} images; T = 1 is the standard model, shared by both recipes)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     common.save_figure(fig, path)
     plt.close(fig)
 
@@ -227,17 +229,16 @@ def plot_distortion(rows, path, settings):
     if settings["n_cw"] > 0:
         panels.append(("cw", None, "mean_l2_successful", "L2 distance (pixels in [0, 1])"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6))
+    lines = [(recipe, source) for recipe in settings["recipes"] for source in SOURCES]
     for ax, (attack, eps, key, unit) in zip(np.atleast_1d(axes), panels):
-        for recipe in settings["recipes"]:
-            for source in SOURCES:
-                c, st = STYLE[(recipe, source)]
-                Ts, v = series(rows, attack, eps, recipe, source, key)
-                ax.plot(Ts, v, st, color=c, alpha=1 if source == "masked" else 0.75,
-                        label=f"{recipe}, {SOURCE_LABEL[source]}")
+        for i, (recipe, source) in enumerate(lines):
+            c, st = STYLE[(recipe, source)]
+            Ts, v = series(rows, attack, eps, recipe, source, key)
+            ax.plot(common.nudge(Ts, i, len(lines)), v, st, color=c, alpha=1 if source == "masked" else 0.75,
+                    label=f"{recipe}, {SOURCE_LABEL[source]}")
         ax.set_title(f"{label(attack, eps)}: mean distortion of the successful attacks\n"
                      "(no point where no attack succeeded)", fontsize=10)
-        ax.set_xscale("log")
-        ax.set_xlabel("training temperature T (log scale)")
+        common.temperature_axis(ax, Ts)
         ax.set_ylabel(unit)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)

@@ -300,3 +300,17 @@ def _cell(v):
             return f"{v:.2e}"
         return f"{v:.3g}"
     return str(v)
+
+
+def temperature_axis(ax, Ts):
+    """A log-scale x axis of training temperatures, ticked at the Ts studied (1, 20, 100, not 10^1)."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(Ts))
+    ax.set_xticklabels([f"{t:g}" for t in Ts])
+    ax.minorticks_off()
+    ax.set_xlabel("training temperature T (log scale)")
+
+
+def nudge(Ts, i, n, factor=1.05):
+    """x positions of line i of n, spread a little around each T so overlapping lines stay visible."""
+    return [t * factor ** (i - (n - 1) / 2) for t in Ts]

@@ -319,9 +319,8 @@ def plot(rows, per_model, path, settings):
             if has.any():
                 ax.errorbar(xs[has], m[has], yerr=[m[has] - lo[has], hi[has] - m[has]], fmt="none",
                             ecolor=colors[recipe], capsize=4)
-        ax.set_xscale("log")
+        common.temperature_axis(ax, Ts)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("training temperature T (log scale)")
         ax.set_ylabel({"%": "%", "log10": "log10 factor vs T = 1"}[unit])
         ax.grid(True, alpha=0.3)
     for ax in axes[len(names):]:

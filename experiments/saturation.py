@@ -37,7 +37,7 @@ from scratchnet.backend import to_numpy
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 100}
 FULL = {"T": [1, 20, 100], "train_size": None, "epochs": 5, "n": 100}
 COLUMNS = ["recipe", "T", "seed", "index", "label", "prediction", "top_prob_float32", "saturated",
-           "zero_probs_float32", "log10_runner_up_prob", "logit_margin", "masked_zero_entries",
+           "zero_probs_float32", "log10_one_minus_top_prob", "log10_runner_up_prob", "logit_margin", "masked_zero_entries",
            "masked_log10_l2", "rescaled_zero_entries", "rescaled_log10_l2", "pixels"]
 
 
@@ -59,7 +59,10 @@ def look(model, x, y, T):
     z64 = model64.logits(xd.astype(xp.float64))
     log10_p = to_numpy(F.log_softmax(z64, 1.0))[0] / np.log(10)      # the deployed softmax, T = 1
     p32 = to_numpy(model.probabilities(xd, 1.0))[0]
-    out = {"log10_p": log10_p, "p32": p32, "logits": to_numpy(z64)[0]}
+    others = np.delete(log10_p, np.argmax(log10_p))
+    top = others.max()                   # log10(1 - p_top) = log10 sum of the others, without cancellation
+    out = {"log10_p": log10_p, "p32": p32, "logits": to_numpy(z64)[0],
+           "log10_one_minus_p": float(top + np.log10(np.sum(10.0 ** (others - top))))}
     for source, t in (("masked", 1.0), ("rescaled", T)):
         g, _ = loss_gradient(model, xd, yd, t)                       # float32, as an attacker gets it
         out[f"{source}_map"] = to_numpy(g)[0, 0]
@@ -90,7 +93,8 @@ def plot(views, x, y, path, settings):
     # one scale for every map, set by the largest: a vanished gradient then looks blank
     vmax = max(float(np.abs(m).max()) for m in maps) or 1.0
     rows = len(views)
-    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.5 * rows), gridspec_kw={"width_ratios": [0.8, 1.4, 1, 1]})
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 4.2 * rows), gridspec_kw={"width_ratios": [0.8, 1.4, 1, 1]},
+                             layout="constrained")
     axes = np.atleast_2d(axes)
     for r, v in enumerate(views):
         ax = axes[r, 0]
@@ -103,6 +107,10 @@ def plot(views, x, y, path, settings):
         K = len(v["log10_p"])
         colors = ["tab:green" if k == v["prediction"] else "tab:gray" for k in range(K)]
         ax.bar(range(K), v["log10_p"], color=colors)
+        # the predicted class's bar has height log10(p) ~ 0: mark it so it is not missed
+        ax.plot([v["prediction"]], [0], "v", color="tab:green", ms=9)
+        ax.annotate(f"p = 1 - 10^{v['log10_one_minus_p']:.1f}", (v["prediction"], 0), xytext=(0, 9),
+                    textcoords="offset points", color="tab:green", fontsize=9, ha="center", va="bottom")
         ax.set_xticks(range(K))
         ax.set_xlabel("class")
         ax.set_ylabel("log10 p_i (float64)")
@@ -119,16 +127,14 @@ def plot(views, x, y, path, settings):
             m = v[f"{source}_map"]
             im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             zeros = int((m == 0).sum())
-            what = ("d loss / dx, softmax at T = 1 (masked)" if source == "masked"
-                    else f"d loss / dx, softmax(z / {v['T']:g}) (rescaled)")
+            what = ("masked: d loss / dx,\nsoftmax at T = 1 as deployed" if source == "masked"
+                    else f"rescaled: d loss / dx,\nsoftmax(z / {v['T']:g}) (C&W's fix)")
             ax.set_title(what, fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.text(0.02, 0.02, f"true L2 norm 10^{v[f'{source}_log10_l2']:.1f}\n"
-                                f"float32: {zeros} of {m.size} entries exactly 0",
-                    transform=ax.transAxes, fontsize=9, va="bottom",
-                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
-    fig.colorbar(im, ax=axes[:, 2:].ravel().tolist(), shrink=0.8,
+            ax.set_xlabel(f"true L2 norm 10^{v[f'{source}_log10_l2']:.1f} (float64)\n"
+                          f"float32: {zeros} of {m.size} entries exactly 0", fontsize=9)
+    fig.colorbar(im, ax=axes[:, 3].tolist(), shrink=0.8,
                  label="input-gradient entry (float32; one scale for all maps)")
     fig.suptitle(f"One test digit (index {views[0]['index']}): the softmax saturates and the input gradient "
                  f"vanishes as the training temperature grows ({settings['architecture']} network, "
@@ -172,7 +178,8 @@ def main():
         z = np.sort(v["logits"])
         rows.append({"recipe": rec, "T": T, "seed": seed, "index": index, "label": int(y[0]), "prediction": pred,
                      "top_prob_float32": float(v["p32"].max()), "saturated": v["saturated"],
-                     "zero_probs_float32": v["zero_probs"], "log10_runner_up_prob": float(others.max()),
+                     "zero_probs_float32": v["zero_probs"], "log10_one_minus_top_prob": v["log10_one_minus_p"],
+                     "log10_runner_up_prob": float(others.max()),
                      "logit_margin": float(z[-1] - z[-2]),
                      "masked_zero_entries": int((v["masked_map"] == 0).sum()), "masked_log10_l2": v["masked_log10_l2"],
                      "rescaled_zero_entries": int((v["rescaled_map"] == 0).sum()),
@@ -183,7 +190,9 @@ def main():
                                                              "log10_probs": [v["log10_p"] for v in views]})
     plot(views, x, y, os.path.join(out, "saturation.png"), settings)
     print(f"\ntest image {index} (label {int(y[0])}), deployed at T = 1:")
-    common.print_table(rows, ["recipe", "T", "top_prob_float32", "zero_probs_float32", "log10_runner_up_prob",
+    for r in rows:
+        r["top_p"] = f"{r['top_prob_float32']:.9g}" + (" exactly" if r["saturated"] else "")
+    common.print_table(rows, ["recipe", "T", "top_p", "zero_probs_float32", "log10_runner_up_prob",
                               "logit_margin", "masked_zero_entries", "masked_log10_l2", "rescaled_log10_l2"],
                        ["recipe", "T", "top p (f32)", "p == 0 (f32)", "log10 p runner-up", "logit margin",
                         "grad == 0 (of 784)", "log10 |grad| masked", "log10 |grad| rescaled"])
