@@ -8,7 +8,8 @@ Every operation is a pair in the style of a lecture note::
 ``dy`` is dL/dy and is never modified. The derivative sits right below the
 forward maths it differentiates. All functions work on NumPy and CuPy arrays
 alike: the array module ``xp`` is taken from the data, and the hot loops
-(im2col, col2im, max pooling) come from the kernel registry in ``kernels``.
+(convolution, max pooling, ReLU) come from the kernel registry in ``kernels``,
+whose plain NumPy versions in ``kernels/reference.py`` spell out the maths.
 """
 import kernels
 
