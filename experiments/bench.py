@@ -209,7 +209,8 @@ def main(argv=None):
     if load is not None:
         results["load_average_1min"] = load
         print(f"load average over the last minute: {load:.1f} on {os.cpu_count()} CPUs"
-              + ("  (the machine is shared: wall times are inflated)" if load > 0.5 + (args.threads or 0) else ""))
+              + ("  (other jobs share the machine: wall times are inflated)"
+                 if load > (args.threads or os.cpu_count()) + 0.5 else ""))   # this run itself adds ~1 per thread
     if torch_error:
         print(torch_error)
     epoch_s = 60000 / s["train_images_per_s"]
