@@ -34,31 +34,20 @@ _tables = {"reference": {name: getattr(reference, name) for name in NAMES}}
 
 
 def _generic_kernels(im2col, col2im):
-    """conv2d_* built from an im2col / col2im pair, and relu_* from array operators (see kernels.reference)."""
+    """conv2d_* as in kernels.reference, on another implementation's im2col / col2im;
+    relu_* from array methods that NumPy and CuPy share."""
 
     def conv2d_forward(x, W, b, stride, pad):
-        N, _, H, Wd = x.shape
-        F, C, KH, KW = W.shape
-        OH, OW = reference.output_size(H, KH, stride, pad), reference.output_size(Wd, KW, stride, pad)
-        y = im2col(x, KH, KW, stride, pad) @ W.reshape(F, -1).T + b          # (N*OH*OW, F)
-        return y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2).copy()         # NCHW
+        return reference.conv2d_forward(x, W, b, stride, pad, im2col=im2col)
 
     def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
-        F, C, KH, KW = W.shape
-        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)                         # rows as im2col's
-        dx = col2im(dy2 @ W.reshape(F, -1), x.shape, KH, KW, stride, pad)
-        if not param_grads:
-            return dx, None, None
-        return dx, (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape), dy2.sum(axis=0)
+        return reference.conv2d_backward(dy, x, W, stride, pad, param_grads, im2col=im2col, col2im=col2im)
 
     def relu_forward(x):
         return x.clip(0, None)                    # max(x, 0), NaN kept, with array methods only
 
-    def relu_backward(dy, y):
-        return dy * (y > 0)
-
     return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward,
-            "relu_forward": relu_forward, "relu_backward": relu_backward}
+            "relu_forward": relu_forward, "relu_backward": reference.relu_backward}
 
 
 def _table(impl):

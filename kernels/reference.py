@@ -125,7 +125,7 @@ def maxpool_backward(dy, argmax, x_shape, KH, KW, stride):
 
 # ===== whole convolution layer (built from im2col) =====
 
-def conv2d_forward(x, W, b, stride, pad):
+def conv2d_forward(x, W, b, stride, pad, im2col=im2col):
     """Cross-correlation of x with F filters: one matrix product over im2col rows.
 
     Parameters
@@ -134,6 +134,8 @@ def conv2d_forward(x, W, b, stride, pad):
     W : (F, C, KH, KW) array, the filters
     b : (F,) array, one bias per filter
     stride, pad : int
+    im2col : the unfolding to use (this module's by default; the registry
+        passes the GPU's to build the GPU convolution from these same lines)
 
     Returns
     -------
@@ -145,10 +147,10 @@ def conv2d_forward(x, W, b, stride, pad):
     OH, OW = output_size(H, KH, stride, pad), output_size(Wd, KW, stride, pad)
     cols = im2col(x, KH, KW, stride, pad)                  # (N*OH*OW, C*KH*KW)
     y = cols @ W.reshape(F, -1).T + b                      # (N*OH*OW, F)
-    return np.ascontiguousarray(y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2))
+    return y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2).copy()   # NCHW, contiguous
 
 
-def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
+def conv2d_backward(dy, x, W, stride, pad, param_grads=True, im2col=im2col, col2im=col2im):
     """Gradients of conv2d_forward: the same matrix product, transposed.
 
     Parameters
@@ -157,6 +159,7 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
     x : (N, C, H, W) array, the forward pass's input
     W : (F, C, KH, KW) array
     param_grads : bool; False skips dW and db (returned as None) when only dx is wanted
+    im2col, col2im : the unfolding and its adjoint (see ``conv2d_forward``)
 
     Returns
     -------
