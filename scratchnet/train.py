@@ -384,7 +384,8 @@ def _deploy(model, data, recipe, T, seed, epochs, history, started, settings, ex
             "test_mean_logit_margin": test["mean_logit_margin"],
             "settings": settings, "history": history,
             "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
-            "train_seconds": time.perf_counter() - started,
+            "train_seconds": float(sum(seconds)),      # all epochs, also across a resumed run
+            "wall_seconds": time.perf_counter() - started,  # this call: resumed epochs, relabelling, evaluation
             "dtype": test["dtype"], "scratchnet_version": __version__}
     meta.update(extra or {})
     return meta

@@ -242,6 +242,7 @@ def test_cache_trains_once_then_loads_and_force_retrains(small, tmp_path, monkey
         assert saved_meta[key] == meta[key]
     assert saved_meta["recipe"] == "standard" and saved_meta["T"] == 1.0 and saved_meta["epochs"] == 1
     assert 0 < saved_meta["test_accuracy"] <= 1 and 0 < saved_meta["val_accuracy"] <= 1
+    assert saved_meta["train_seconds"] == sum(h["seconds"] for h in saved_meta["history"])
 
     def no_training(*args, **kw):
         raise AssertionError("the cached model should have been reused")
