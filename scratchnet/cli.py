@@ -6,6 +6,7 @@ line on stderr with a non-zero exit status, never as a traceback.
 import argparse
 import importlib
 import math
+import os
 import sys
 
 import numpy as np
@@ -218,6 +219,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"scratchnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, and keep Python's
+        # final flush of stdout from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (DataError, DataNotFoundError, ModelFileError, DeviceError, TrainingDivergedError,
             ValueError, OSError, RuntimeError) as e:
         print(f"scratchnet {args.command}: error: {e}", file=sys.stderr)
