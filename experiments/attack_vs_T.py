@@ -47,8 +47,8 @@ from scratchnet.attacks import cw_l2, fgsm, jsma
 
 # The models are grad_vs_T's (same T, training images and epochs), so the two
 # scripts share one model cache. ``n`` is the JSMA source images (x 9 targets).
-QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 10, "n_fgsm": 200, "n_cw": 10,
-         "eps": [0.1, 0.2, 0.3], "cw_binary_steps": 3, "cw_steps": 50}
+QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 20, "n_fgsm": 200, "n_cw": 10,
+         "eps": [0.1, 0.2, 0.3], "cw_binary_steps": 5, "cw_steps": 100}
 FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": 100, "n_fgsm": 1000, "n_cw": 100,
         "eps": [0.05, 0.1, 0.2, 0.3], "cw_binary_steps": 5, "cw_steps": 100}
 JSMA_MAX_DISTORTION = 0.145            # Papernot et al.: at most 14.5 % of the pixels
@@ -167,7 +167,7 @@ def label(attack, eps=None):
         return "JSMA (9 targets per image, <= 14.5 % pixels)"
     if attack == "fgsm":
         return f"FGSM eps = {eps:g}"
-    return "C&W L2 (one random target)"
+    return "C&W L2 (one random target; masked = f6 on the probabilities)"
 
 
 def series(rows, attack, eps, recipe, source, key):
@@ -236,8 +236,8 @@ def plot_distortion(rows, path, settings):
             Ts, v = series(rows, attack, eps, recipe, source, key)
             ax.plot(common.nudge(Ts, i, len(lines)), v, st, color=c, alpha=1 if source == "masked" else 0.75,
                     label=f"{recipe}, {SOURCE_LABEL[source]}")
-        ax.set_title(f"{label(attack, eps)}: mean distortion of the successful attacks\n"
-                     "(no point where no attack succeeded)", fontsize=10)
+        ax.set_title(f"{label(attack, eps)}:\nmean distortion of the successful attacks only (no point where "
+                     "none succeeded;\nwhere few succeed, they are the easy images)", fontsize=10)
         common.temperature_axis(ax, Ts)
         ax.set_ylabel(unit)
         ax.set_ylim(bottom=0)

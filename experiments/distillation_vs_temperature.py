@@ -55,6 +55,7 @@ QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": grad_vs_T.QUIC
 FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": grad_vs_T.FULL["n"], "seeds": [0, 1, 2],
         "n_jsma": attack_vs_T.FULL["n"]}
 
+DEFAULT_EPS = 0.3                      # the largest FGSM step of attack_vs_T.py (stored results are reused)
 COLUMNS = ["measure", "T", "temperature_mean", "temperature_lo", "temperature_hi", "distilled_mean",
            "distilled_lo", "distilled_hi", "difference", "intervals_overlap", "interval", "n_seeds",
            "better_defence"]
@@ -148,9 +149,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_options(parser, QUICK)
-    parser.add_argument("--n-jsma", type=int, help="source images for JSMA, x 9 targets (default 100; quick 10)")
+    parser.add_argument("--n-jsma", type=int, help="source images for JSMA, x 9 targets (default 100; quick 20)")
     parser.add_argument("--n-fgsm", type=int, help="test images for FGSM (default 1000; quick 200)")
-    parser.add_argument("--eps", type=float, help="FGSM epsilon (default 0.1 full, 0.1 quick)")
+    parser.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                        help=f"FGSM epsilon, L-infinity, pixels in [0, 1] (default {DEFAULT_EPS}: one of "
+                             "attack_vs_T.py's, so its results are reused)")
     parser.add_argument("--reuse", nargs="*", metavar="DIR",
                         help="result folders of grad_vs_T.py / attack_vs_T.py to reuse finished measurements "
                              "from (default: their default output folders)")
@@ -160,12 +163,11 @@ def main():
     if "temperature" not in settings["recipes"] or "distilled" not in settings["recipes"]:
         raise common.UsageError("this comparison needs both recipes (--recipes temperature distilled)")
     # the attack settings of attack_vs_T.py, so its stored results are reused
-    args.n_cw, args.eps = 0, ([args.eps] if args.eps is not None else None)
+    args.n_cw, args.eps = 0, [args.eps]
     att_settings = attack_vs_T.attack_settings(args, settings)
     att_settings["n"] = args.n_jsma if args.n_jsma is not None else base["n_jsma"]
     if not 1 <= att_settings["n"] <= 10000:
         raise common.UsageError(f"--n-jsma must be in [1, 10000] test images, got {att_settings['n']}")
-    att_settings["eps"] = att_settings["eps"][:1]
     suffix = "_quick" if settings["quick"] else ""
     out = args.out or os.path.join("results", "distillation_vs_temperature" + suffix)
     reuse = args.reuse if args.reuse is not None else [os.path.join("results", "grad_vs_T" + suffix),
@@ -197,7 +199,7 @@ def main():
     common.write_json(os.path.join(out, "distillation_vs_temperature.json"),
                       {"settings": settings, "attack_settings": att_settings, "rows": rows,
                        "per_model": [{"recipe": k[0], "T": k[1], "seed": k[2], **v} for k, v in per_model.items()]})
-    plot(rows, per_model, os.path.join(out, "distillation_vs_temperature.png"), settings)
+    plot(rows, per_model, os.path.join(out, "distillation_vs_temperature.png"), settings, att_settings["eps"][0])
 
     print("\ntemperature vs distilled, both deployed at T = 1 (mean [95 % interval]); "
           "suppression in log10 relative to the T = 1 model")
@@ -293,7 +295,7 @@ def verdict(rows, per_model, settings):
     return "".join(s)
 
 
-def plot(rows, per_model, path, settings):
+def plot(rows, per_model, path, settings, eps):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -320,11 +322,18 @@ def plot(rows, per_model, path, settings):
                 ax.errorbar(xs[has], m[has], yerr=[m[has] - lo[has], hi[has] - m[has]], fmt="none",
                             ecolor=colors[recipe], capsize=4)
         common.temperature_axis(ax, Ts)
-        ax.set_title(name, fontsize=10)
-        ax.set_ylabel({"%": "%", "log10": "log10 factor vs T = 1"}[unit])
+        ax.set_title(name.replace("FGSM success", f"FGSM success (eps = {eps:g})"), fontsize=10)
+        ax.set_ylabel("test accuracy (%)" if name == "test accuracy" else
+                      "success rate (% of correctly classified)" if unit == "%" else
+                      "log10 of gradient norm / T = 1 model's")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(names):]:
         ax.axis("off")
+    axes[-1].text(0, 0.5, "masked: softmax at T = 1, as deployed\n"
+                          "rescaled / fixed: softmax(z / T_train)\n\n"
+                          "bars: 95 % intervals; none where only\none value exists (one seed)\n\n"
+                          "dotted line: the standard (T = 1) model",
+                  transform=axes[-1].transAxes, fontsize=10, va="center")
     axes[0].legend(fontsize=8)
     kind = rows[0]["interval"] if rows else ""
     fig.suptitle(f"Temperature alone vs defensive distillation, deployed at T = 1 "

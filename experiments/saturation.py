@@ -108,18 +108,17 @@ def plot(views, x, y, path, settings):
         colors = ["tab:green" if k == v["prediction"] else "tab:gray" for k in range(K)]
         ax.bar(range(K), v["log10_p"], color=colors)
         # the predicted class's bar has height log10(p) ~ 0: mark it so it is not missed
-        ax.plot([v["prediction"]], [0], "v", color="tab:green", ms=9)
-        ax.annotate(f"p = 1 - 10^{v['log10_one_minus_p']:.1f}", (v["prediction"], 0), xytext=(0, 9),
-                    textcoords="offset points", color="tab:green", fontsize=9, ha="center", va="bottom")
+        ax.plot([v["prediction"]], [0], "v", color="tab:green", ms=9, label="predicted class (log10 p ~ 0)")
+        ax.legend(fontsize=8, loc="lower right")
         ax.set_xticks(range(K))
         ax.set_xlabel("class")
         ax.set_ylabel("log10 p_i (float64)")
         low = float(v["log10_p"].min())
         ax.set_ylim(min(low * 1.15, -1), max(1.0, -0.08 * low))
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(f"softmax at T = 1 (as deployed)\nfloat32: top p = {v['p32'].max():.9g}"
-                     f"{' exactly' if v['saturated'] else ''}, {v['zero_probs']} of {K - 1} others = 0",
-                     fontsize=10)
+        ax.set_title(f"softmax at T = 1 (as deployed): true top p = 1 - 10^{v['log10_one_minus_p']:.1f}\n"
+                     f"float32: top p = {v['p32'].max():.9g}{' exactly' if v['saturated'] else ''}, "
+                     f"{v['zero_probs']} of {K - 1} others = 0", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
 
         for c, source in ((2, "masked"), (3, "rescaled")):
