@@ -229,17 +229,14 @@ def find_mnist(data_dir=None, download=True, mirrors=None, opener=None, progress
            + ("" if data_dir is not None else f", or set {ENV_VAR} (or pass --data-dir) to a folder that holds all four"))
     if not download:
         raise DataNotFoundError(f"MNIST files missing from {target}: {', '.join(missing)}; {how}")
-    errors = []
     for name in missing:
         try:
             download_file(name, target, mirrors=mirrors, opener=opener, progress=progress)
         except DataNotFoundError as e:
-            errors.append(str(e))
-    if errors:
-        still = _missing(target)
-        raise DataNotFoundError(f"MNIST files missing from {target} and no mirror could be reached "
-                                f"(no network?): {', '.join(still)}. To work offline, {how}. "
-                                f"Details: {' | '.join(errors)}")
+            # every mirror failed for this file: the others would fail the same way, so stop here
+            raise DataNotFoundError(f"MNIST files missing from {target} and no mirror could be reached "
+                                    f"(no network?): {', '.join(_missing(target))}. To work offline, {how}. "
+                                    f"Details: {e}") from None
     return target
 
 
