@@ -14,7 +14,6 @@ this module sits beside them and is imported as ``common``. The package
 * ``write_csv`` / ``write_json``: written to a temporary name and moved into
   place, so a failed run never leaves a half-written result.
 """
-import argparse
 import csv
 import hashlib
 import json

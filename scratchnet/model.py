@@ -177,11 +177,17 @@ def save(model, path, metadata=None):
     place at the end, so an interrupted save never leaves a broken file under
     ``path`` nor destroys the one already there.
     """
-    path = os.fspath(path)
     arrays = {name: to_numpy(v) for name, v in model.params.items()}
     arrays["__format__"] = np.array(FORMAT)
     arrays["__architecture__"] = np.array(json.dumps(model.architecture()))
     arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
+    save_npz_atomic(path, arrays)
+
+
+def save_npz_atomic(path, arrays):
+    """np.savez to a temporary file in the target folder, then rename it into place:
+    readers see the old file or the complete new one, never a partial one."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
@@ -189,10 +195,9 @@ def save(model, path, metadata=None):
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if os.path.exists(tmp):                  # only left behind when something failed
             os.remove(tmp)
-        raise
 
 
 def load(path, device="cpu"):

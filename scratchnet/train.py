@@ -27,7 +27,6 @@ continues exactly as the uninterrupted run would have.
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 
@@ -35,10 +34,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import functional as F
-from .backend import get_array_module, to_device, to_numpy
+from .backend import to_device, to_numpy
 from .layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .losses import softmax_cross_entropy
-from .model import Sequential, papernot_mnist
+from .model import Sequential, papernot_mnist, save_npz_atomic
 from .optim import SGD, Adam
 
 RECIPES = ("standard", "temperature", "distilled")
@@ -149,16 +148,7 @@ def save_checkpoint(path, model, opt, epoch, history, settings):
     arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_arrays.items()})
     state = {"epoch": epoch, "history": history, "settings": settings, "optimizer_scalars": scalars}
     arrays["__state__"] = np.array(json.dumps(state))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_npz_atomic(path, arrays)
 
 
 def load_checkpoint(path):

@@ -25,6 +25,7 @@ import kernels
 from kernels import reference
 
 from cuda_on_cpu import import_gpu_kernels, make_fake_cupy
+from kernel_cases import CONV_CASES, POOL_CASES
 
 CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "cuda")
 SOURCES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
@@ -35,24 +36,6 @@ ENTRY_POINTS = {
     "maxpool.cu": ["maxpool_forward_f32", "maxpool_forward_f64",
                    "maxpool_backward_f32", "maxpool_backward_f64"],
 }
-
-# (N, C, H, W, KH, KW, stride, pad): odd sizes, non-square windows, strides
-# above 1, paddings up to the window size, windows that do not tile the image
-CONV_CASES = [
-    (1, 1, 5, 5, 3, 3, 1, 0),
-    (2, 3, 7, 6, 3, 2, 1, 1),
-    (3, 2, 9, 11, 3, 3, 2, 1),
-    (2, 5, 8, 7, 2, 3, 3, 2),
-    (1, 4, 6, 6, 5, 5, 1, 2),
-]
-# (N, C, H, W, KH, KW, stride)
-POOL_CASES = [
-    (2, 3, 8, 8, 2, 2, 2),
-    (1, 2, 7, 9, 2, 2, 2),      # odd size: the last row and column are never pooled
-    (2, 2, 7, 7, 3, 3, 2),      # overlapping windows
-    (1, 3, 6, 5, 2, 3, 1),
-    (3, 1, 9, 9, 3, 3, 3),
-]
 
 
 def _tolerance(dtype):

@@ -12,23 +12,7 @@ import kernels
 from kernels import reference
 from scratchnet.backend import gpu_available, to_numpy
 
-# (N, C, H, W, KH, KW, stride, pad): odd sizes, non-square kernels, strides > 1,
-# paddings up to the kernel size, windows that do not tile the image exactly
-CONV_CASES = [
-    (1, 1, 5, 5, 3, 3, 1, 0),
-    (2, 3, 7, 6, 3, 2, 1, 1),
-    (3, 2, 9, 11, 3, 3, 2, 1),
-    (2, 5, 8, 7, 2, 3, 3, 2),
-    (1, 4, 6, 6, 5, 5, 1, 2),
-    (2, 1, 28, 28, 3, 3, 1, 0),
-]
-POOL_CASES = [
-    (2, 3, 8, 8, 2, 2, 2),
-    (1, 2, 7, 9, 2, 2, 2),      # odd size: last row/column never pooled
-    (2, 2, 7, 7, 3, 3, 2),      # overlapping windows
-    (1, 3, 6, 5, 2, 3, 1),
-    (3, 1, 9, 9, 3, 3, 3),
-]
+from kernel_cases import CONV_CASES, POOL_CASES
 
 
 @pytest.fixture(params=["cpu", "gpu"])
