@@ -329,7 +329,7 @@ def main():
     args = parser.parse_args()
     settings = attack_settings(args, common.settings_from(args, QUICK, FULL))
     out = args.out or os.path.join("results", "attack_vs_T_quick" if settings["quick"] else "attack_vs_T")
-    common.announce(settings, "attack_vs_T", seconds_per_model_quick=70 + 30, seconds_per_model_full=900 + 1200)
+    common.announce(settings, "attack_vs_T", seconds_per_model_quick=60, seconds_per_model_full=480)
     print(f"attacks: JSMA on {settings['n']} images x 9 targets, FGSM on {settings['n_fgsm']} images at eps "
           f"{settings['eps']}, C&W L2 on {settings['n_cw']} images; each masked and fixed", flush=True)
 

@@ -138,7 +138,12 @@ def count_models(settings):
 
 
 def announce(settings, name, seconds_per_model_quick, seconds_per_model_full):
-    """Print what will run and how long it should take from an empty cache on a 2-core CPU."""
+    """Print what will run and how long it should take from an empty cache on a 2-core CPU.
+
+    ``seconds_per_model_*``: training one model plus this script's measurements on
+    it, as measured on the project's quiet 2-core machine (a full model trains in
+    about 3.5 min, a --quick one in about 25 s).
+    """
     n_models = count_models(settings)
     per = seconds_per_model_quick if settings["quick"] else seconds_per_model_full
     print(f"{name}: {n_models} models (recipes {settings['recipes']}, T {fmt_T(settings['T'])}, "

@@ -172,8 +172,8 @@ def main():
     out = args.out or os.path.join("results", "distillation_vs_temperature" + suffix)
     reuse = args.reuse if args.reuse is not None else [os.path.join("results", "grad_vs_T" + suffix),
                                                        os.path.join("results", "attack_vs_T" + suffix)]
-    common.announce(settings, "distillation_vs_temperature", seconds_per_model_quick=70 + 60,
-                    seconds_per_model_full=900 + 900)
+    common.announce(settings, "distillation_vs_temperature", seconds_per_model_quick=60,
+                    seconds_per_model_full=480)
     print(f"measures: accuracy; gradient suppression on {settings['n']} test images; JSMA on "
           f"{att_settings['n']} images x 9 targets; FGSM eps = {att_settings['eps'][0]:g} on "
           f"{att_settings['n_fgsm']} images", flush=True)

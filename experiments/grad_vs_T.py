@@ -194,7 +194,7 @@ def main():
     args = parser.parse_args()
     settings = common.settings_from(args, QUICK, FULL)
     out = args.out or os.path.join("results", "grad_vs_T_quick" if settings["quick"] else "grad_vs_T")
-    common.announce(settings, "grad_vs_T", seconds_per_model_quick=70, seconds_per_model_full=900)
+    common.announce(settings, "grad_vs_T", seconds_per_model_quick=40, seconds_per_model_full=240)
 
     data = common.load_data(args)
     x, y = common.test_subset(data, settings["n"])

@@ -156,7 +156,7 @@ def main():
     seed = settings["seeds"][0]
     out = args.out or os.path.join("results", "saturation_quick" if settings["quick"] else "saturation")
     settings["recipes"], settings["seeds"] = [recipe], [seed]
-    common.announce(settings, "saturation", seconds_per_model_quick=70, seconds_per_model_full=900)
+    common.announce(settings, "saturation", seconds_per_model_quick=40, seconds_per_model_full=240)
 
     data = common.load_data(args)
     models = []
