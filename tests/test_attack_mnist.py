@@ -300,9 +300,6 @@ def test_attack_command_missing_model_is_one_line(tmp_path, capsys):
 
 
 def test_python_m_scratchnet_attack(saved_hot, tmp_path):
-    cli = os.path.join(os.path.dirname(__file__), "..", "scratchnet", "cli.py")
-    if not os.path.exists(cli):
-        pytest.skip("scratchnet/cli.py (the command-line entry point) is not there yet")
     env = dict(os.environ, SCRATCHNET_DEVICE="cpu")
     run = subprocess.run([sys.executable, "-m", "scratchnet", "attack", str(saved_hot), "--attack", "fgsm",
                           "--wrt", "logits", "--eps", "0.2", "--n", "8", "--data-dir", mnist_dir(),
