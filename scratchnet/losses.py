@@ -55,11 +55,30 @@ def softmax_cross_entropy(logits, targets, T=1.0):
     if T <= 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
     t = _as_target_matrix(targets, logits, xp)
-    N, K = logits.shape
+    N = logits.shape[0]
     logp = log_softmax(logits, T)
     loss = float(-(t * logp).sum() / N)
+    return loss, cross_entropy_dlogits(logp, t, T) / N
+
+
+def cross_entropy_dlogits(logp, t, T):
+    """Per-row gradient of -sum_k t_k log p_k w.r.t. the logits: (p - t) / T.
+
+    Parameters
+    ----------
+    logp : (N, K) log softmax(z / T)
+    t : (N, K) target rows (one-hot or soft)
+    T : float > 0
+
+    Returns
+    -------
+    dz : (N, K), not averaged over the batch; cancellation-free (see
+        ``softmax_cross_entropy``)
+    """
+    xp = get_array_module(logp)
+    K = logp.shape[1]
     p = xp.exp(logp)
-    others = 1 - xp.eye(K, dtype=logits.dtype)   # (others @ v)_i = sum_{j != i} v_j
-    dlogits = p * (t @ others) - t * (p @ others)
-    dlogits = dlogits / T                        # the temperature: d(z / T)/dz = 1 / T
-    return loss, dlogits / N
+    others = 1 - xp.eye(K, dtype=logp.dtype)     # (v @ others)_i = sum_{j != i} v_j
+    dz = p * (t @ others) - t * (p @ others)     # = p - t, with no 1 - p_y formed
+    dz = dz / T                                  # the temperature: d(z / T)/dz = 1 / T
+    return dz

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import get_array_module
+from ..losses import cross_entropy_dlogits
 from ..model import build
 
 WRT_CHOICES = ("probs", "logits", "loss")
@@ -98,13 +99,8 @@ def loss_dlogits(z, labels, T=1.0):
     its true tiny size as long as the other probabilities do not underflow.
     """
     xp = get_array_module(z)
-    K = z.shape[1]
-    p = xp.exp(F.log_softmax(z, T))              # softmax(z / T), the T inside
-    t = one_hot(labels, K, xp, z.dtype)
-    others = 1 - xp.eye(K, dtype=z.dtype)        # (v @ others)_i = sum_{j != i} v_j
-    dz = p * (t @ others) - t * (p @ others)     # = p - t, cancellation-free
-    dz = dz / T                                  # the temperature: d(z / T)/dz = 1 / T
-    return dz
+    t = one_hot(labels, z.shape[1], xp, z.dtype)
+    return cross_entropy_dlogits(F.log_softmax(z, T), t, T)   # (p - onehot) / T: the 1/T is inside
 
 
 def probs_dlogits(z, dp, T=1.0):
