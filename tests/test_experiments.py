@@ -181,3 +181,13 @@ def test_unreadable_data(script, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wilson_interval_edges():
+    """0 of n and n of n give bounds of exactly 0 and 1 (error bars must never be negative)."""
+    lo, hi = distillation_vs_temperature.wilson(0, 270)
+    assert lo == 0.0 and 0 < hi < 0.02
+    lo, hi = distillation_vs_temperature.wilson(270, 270)
+    assert hi == 1.0 and 0.98 < lo < 1
+    lo, hi = distillation_vs_temperature.wilson(4, 270)
+    assert lo < 4 / 270 < hi
