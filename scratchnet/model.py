@@ -168,16 +168,168 @@ def build(architecture, dtype=np.float32):
 
 
 # ===== save / load =====
+#
+# A model file is an uncompressed ``.npz`` (a zip of ``.npy`` arrays) holding
+#
+#   "__format__"        the string FORMAT
+#   "__architecture__"  JSON: a list of {"type", "name", <constructor arguments>}
+#   "__metadata__"      JSON: a dict (recipe, T, seed, accuracies, ...)
+#   "<layer>.<param>"   every parameter, e.g. "conv1.W" of shape (F, C, KH, KW)
+#
+# ``load`` trusts nothing in it: every way a file can be damaged or foreign
+# ends as one ModelFileError naming the file and the problem, never as a
+# TypeError from deep inside the network or, worse, as a model that runs.
+
+# The parameter dtypes a model may have. All parameters share one: the dtype
+# decides where the softmax rounds to exactly 1.0 (the saturation the attacks
+# run into), so a file that mixes float32 and float64 is rejected rather than
+# silently cast; every model ``save`` writes has a single dtype.
+PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _dropout_rate(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+# The constructor arguments each saved layer type carries (what its ``config()``
+# writes), with the check its value must pass and what that check means.
+LAYER_ARGUMENTS = {
+    "Conv2D": {"C": _positive_int, "F": _positive_int, "KH": _positive_int, "KW": _positive_int,
+               "stride": _positive_int, "pad": _non_negative_int},
+    "MaxPool2D": {"KH": _positive_int, "KW": _positive_int, "stride": _positive_int},
+    "Dense": {"D_in": _positive_int, "D_out": _positive_int},
+    "ReLU": {}, "Flatten": {},
+    "Dropout": {"rate": _dropout_rate},
+}
+_EXPECTED_VALUE = {_positive_int: "an integer >= 1", _non_negative_int: "an integer >= 0",
+                   _dropout_rate: "a number in [0, 1)"}
+
+
+def parameter_shapes(architecture):
+    """The parameter shapes an ``architecture()`` list implies, checking it on the way.
+
+    Nothing is allocated, so a description announcing absurd sizes costs nothing.
+
+    Parameters
+    ----------
+    architecture : list of dicts as written by ``Sequential.architecture()``
+
+    Returns
+    -------
+    {"conv1.W": (F, C, KH, KW), "conv1.b": (F,), "dense1.W": (D_in, D_out), ...}
+
+    Raises
+    ------
+    ValueError saying which layer is malformed and how.
+    """
+    if not isinstance(architecture, list) or not architecture:
+        raise ValueError(f"architecture must be a non-empty list of layers, got {_short(architecture)}")
+    shapes, names = {}, set()
+    for i, spec in enumerate(architecture):
+        if not isinstance(spec, dict):
+            raise ValueError(f"architecture layer {i} must be a JSON object, got {_short(spec)}")
+        kind, name = spec.get("type"), spec.get("name")
+        if not isinstance(kind, str) or kind not in LAYER_ARGUMENTS:
+            raise ValueError(f"architecture layer {i}: unknown layer type {_short(kind)}; "
+                             f"known: {sorted(LAYER_ARGUMENTS)}")
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"architecture layer {i} ({kind}): the name must be a non-empty string "
+                             f"without '.', got {_short(name)}")
+        if name in names:
+            raise ValueError(f"architecture: two layers are named {name!r}")
+        names.add(name)
+        arguments = LAYER_ARGUMENTS[kind]
+        given = set(spec) - {"type", "name"}
+        if given != set(arguments):
+            raise ValueError(f"architecture layer {name} ({kind}): expected the arguments {sorted(arguments)}, "
+                             f"got {sorted(given)}")
+        for arg, ok in arguments.items():
+            if not ok(spec[arg]):
+                raise ValueError(f"architecture layer {name} ({kind}): {arg} must be {_EXPECTED_VALUE[ok]}, "
+                                 f"got {_short(spec[arg])}")
+        if kind == "Conv2D":
+            shapes[f"{name}.W"] = (spec["F"], spec["C"], spec["KH"], spec["KW"])
+            shapes[f"{name}.b"] = (spec["F"],)
+        elif kind == "Dense":
+            shapes[f"{name}.W"] = (spec["D_in"], spec["D_out"])
+            shapes[f"{name}.b"] = (spec["D_out"],)
+    return shapes
+
+
+def check_parameters(params, shapes=None):
+    """Check a {name: array} dict of parameters before it is saved or used.
+
+    Every array must be float32 or float64, all of the same dtype, finite
+    (a NaN or Inf weight makes every prediction meaningless, and an attack on
+    such a model "fails" for no reason), and of the expected shape.
+
+    Parameters
+    ----------
+    params : {"conv1.W": array, ...}, NumPy arrays
+    shapes : {"conv1.W": (F, C, KH, KW), ...} or None to skip the shape check;
+        when given, the names must match exactly
+
+    Returns
+    -------
+    the common dtype. Raises ValueError naming the first offending parameter.
+    """
+    if shapes is not None and set(params) != set(shapes):
+        raise ValueError(f"parameters do not match the architecture (missing {sorted(set(shapes) - set(params))}, "
+                         f"unexpected {sorted(set(params) - set(shapes))})")
+    dtypes = {}
+    for name, value in params.items():
+        if not isinstance(value, np.ndarray) or value.dtype not in PARAM_DTYPES:
+            found = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"parameter {name} has dtype {found}; expected float32 or float64 "
+                             f"(in the machine's byte order)")
+        if shapes is not None and value.shape != tuple(shapes[name]):
+            raise ValueError(f"parameter {name} has shape {value.shape}; the architecture says {tuple(shapes[name])}")
+        dtypes.setdefault(value.dtype, name)
+    if len(dtypes) > 1:
+        mixed = ", ".join(f"{dtype} (e.g. {name})" for dtype, name in dtypes.items())
+        raise ValueError(f"parameters mix dtypes: {mixed}; a model has one dtype "
+                         f"(cast it with model.to(dtype=...) before saving)")
+    for name, value in params.items():
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"parameter {name} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                             f"(NaN or Inf) of {value.size}; the model is broken (did its training diverge?)")
+    return next(iter(dtypes), np.dtype(np.float32))
+
+
+def _short(value, limit=60):
+    """repr(value), cut to ``limit`` characters: error messages stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
 
 def save(model, path, metadata=None):
     """Write ``model`` to one ``.npz``: every parameter under its name, plus the
     architecture and free-form metadata as JSON strings.
 
-    The file is written to a temporary name in the same folder and moved into
-    place at the end, so an interrupted save never leaves a broken file under
-    ``path`` nor destroys the one already there.
+    The parameters are checked first (``check_parameters``): a model with a
+    NaN or Inf weight, or with mixed dtypes, is refused with a ValueError and
+    nothing is written. The file is written to a temporary name in the same
+    folder and moved into place at the end, so an interrupted save never
+    leaves a broken file under ``path`` nor destroys the one already there.
     """
     arrays = {name: to_numpy(v) for name, v in model.params.items()}
+    try:
+        check_parameters(arrays)
+    except ValueError as e:
+        raise ValueError(f"refusing to save the model to {os.fspath(path)}: {e}") from None
     arrays["__format__"] = np.array(FORMAT)
     arrays["__architecture__"] = np.array(json.dumps(model.architecture()))
     arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
@@ -200,36 +352,77 @@ def save_npz_atomic(path, arrays):
             os.remove(tmp)
 
 
+def _read_arrays(path):
+    """Every array in the ``.npz`` at ``path``, as {key: NumPy array}; ModelFileError otherwise."""
+    if os.path.isdir(path):
+        raise ModelFileError(f"model path {path} is a directory, not a model file")
+    if not os.path.exists(path):
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        handle = open(path, "rb")
+    except OSError as e:
+        raise ModelFileError(f"cannot open model file {path}: {e.strerror or e}") from None
+    with handle:
+        try:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ModelFileError(f"{path} is not a scratchnet model: it holds a single array, "
+                                     f"not an .npz archive")
+            with loaded:
+                return {key: loaded[key] for key in loaded.files}
+        except ModelFileError:
+            raise
+        except Exception as e:
+            # The bytes come from outside: a bad zip header, a failed CRC, a
+            # damaged .npy header or an object array all mean one thing here.
+            raise ModelFileError(f"cannot read model file {path}: not a complete .npz "
+                                 f"({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _json_entry(arrays, key, path, expected_type):
+    """Decode the JSON string stored under ``key``; it must be of ``expected_type``."""
+    if key not in arrays:
+        raise ModelFileError(f"{path}: damaged model file, the entry {key!r} is missing")
+    value = arrays.pop(key)
+    if value.shape != () or value.dtype.kind != "U":
+        raise ModelFileError(f"{path}: damaged model file, {key!r} must be a JSON string, "
+                             f"got a {value.dtype} array of shape {value.shape}")
+    try:
+        decoded = json.loads(str(value))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: damaged model file, {key!r} is not valid JSON ({e})") from None
+    if not isinstance(decoded, expected_type):
+        raise ModelFileError(f"{path}: damaged model file, {key!r} must be a JSON "
+                             f"{'list' if expected_type is list else 'object'}, got {_short(decoded)}")
+    return decoded
+
+
 def load(path, device="cpu"):
     """Rebuild a model saved by ``save``; returns (model, metadata dict).
 
-    Raises ModelFileError for a missing, truncated or foreign file.
+    The file is checked before anything is built: its format tag, the
+    architecture (known layer types, arguments of the right types), the
+    parameters (exactly those the architecture implies, of its shapes, one
+    float dtype, every value finite).
+
+    Raises
+    ------
+    ModelFileError, one line naming the file and the problem, for a missing
+    file, a directory, a truncated or damaged archive, a foreign file, or a
+    model with NaN/Inf/mixed-dtype/misshapen parameters.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file not found: {path}")
+    arrays = _read_arrays(path)
+    tag = arrays.pop("__format__", None)
+    if tag is None or tag.shape != () or tag.dtype.kind != "U" or str(tag) != FORMAT:
+        found = "no format tag" if tag is None else _short(str(tag))
+        raise ModelFileError(f"{path} is not a scratchnet model (expected format {FORMAT!r}, found {found})")
+    architecture = _json_entry(arrays, "__architecture__", path, list)
+    metadata = _json_entry(arrays, "__metadata__", path, dict)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ModelFileError(f"cannot read model file {path}: not a complete .npz ({e})") from None
-    if "__format__" not in arrays or str(arrays["__format__"]) != FORMAT:
-        raise ModelFileError(f"{path} is not a scratchnet model (expected format {FORMAT!r}, "
-                             f"found {str(arrays.get('__format__', 'no format tag'))!r})")
-    try:
-        architecture = json.loads(str(arrays.pop("__architecture__")))
-        metadata = json.loads(str(arrays.pop("__metadata__")))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: damaged architecture or metadata ({e})") from None
-    arrays.pop("__format__")
-    dtype = next(iter(arrays.values())).dtype if arrays else np.float32
-    model = build(architecture, dtype=dtype)
-    expected, found = set(model.params), set(arrays)
-    if expected != found:
-        raise ModelFileError(f"{path}: parameters do not match the architecture "
-                             f"(missing {sorted(expected - found)}, unexpected {sorted(found - expected)})")
-    try:
+        dtype = check_parameters(arrays, parameter_shapes(architecture))
+        model = build(architecture, dtype=dtype)
         model.set_params(arrays)
     except ValueError as e:
-        raise ModelFileError(f"{path}: {e}") from None
+        raise ModelFileError(f"{path}: {_one_line(e)}") from None
     return model.to(device), metadata
