@@ -1,17 +1,21 @@
 """MNIST: find, download, verify and parse the four IDX files.
 
-The four standard files (gzip-compressed IDX) are looked for in this order:
+The four standard files (gzip-compressed IDX) live in ONE folder, the first
+of these that is set (``find_mnist_dir``):
 
-1. the ``data_dir`` argument (``--data-dir`` on the command line): when given,
-   only this folder is used;
+1. the ``data_dir`` argument (``--data-dir`` on the command line);
 2. the folder named by the environment variable ``SCRATCHNET_DATA``;
 3. the user cache ``~/.cache/scratchnet/mnist``.
 
-Where files are missing they are downloaded (when ``download=True``) into the
-first of those folders that is set, from the mirrors in ``MIRRORS`` in turn.
-A download goes to a temporary name in the target folder and is moved into
-place only after its content has been checked, so a half-downloaded file never
-sits under the final name.
+A folder you name is the folder used: when it lacks files, they are
+downloaded into it, never looked for elsewhere, so you always know which copy
+was read. Where files are missing they are downloaded (when ``download=True``)
+from the mirrors in ``MIRRORS`` in turn. A folder that cannot take them (not
+a directory, not writable) is an error naming the folder, how it was chosen
+and the system's reason; a folder that already holds all four files is only
+read, so a read-only copy works. A download goes to a temporary name in the
+target folder and is moved into place only after its content has been checked,
+so a half-downloaded file never sits under the final name.
 
 Every file is checked by the SHA-256 of its *decompressed* IDX bytes (the
 values in ``IDX_SHA256``), so any faithful mirror's copy passes whatever gzip
@@ -25,10 +29,12 @@ import gzip
 import hashlib
 import http.client
 import os
+import sys
 import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -78,6 +84,10 @@ class DataError(ValueError):
 
 class DataNotFoundError(FileNotFoundError):
     """MNIST files are missing and could not be downloaded."""
+
+
+class DataFolderError(DataNotFoundError):
+    """The MNIST folder cannot be used: it is not a directory, or it cannot take a download."""
 
 
 # ===== parsing and checking one file =====
@@ -149,19 +159,69 @@ def read_idx_gz(path, sha256=None):
 
 # ===== finding and downloading =====
 
-def candidate_dirs(data_dir=None):
-    """The folders to look in, in order (see the module docstring)."""
+class MnistLocation(NamedTuple):
+    """Where the loader reads MNIST, as ``find_mnist_dir`` reports it."""
+    folder: str       # the folder read (and downloaded into)
+    source: str       # how it was chosen, for messages: "--data-dir", "$SCRATCHNET_DATA", "the default cache"
+    missing: tuple    # the file names not in it; empty when all four are there
+
+    @property
+    def present(self):
+        """True when all four files are in ``folder``."""
+        return not self.missing
+
+
+def find_mnist_dir(data_dir=None):
+    """The folder the loader uses and which files it lacks; reads no data, writes nothing.
+
+    Parameters
+    ----------
+    data_dir : folder, or None for ``$SCRATCHNET_DATA``, else ``~/.cache/scratchnet/mnist``
+
+    Returns
+    -------
+    MnistLocation(folder, source, missing)
+    """
     if data_dir is not None:
-        return [os.path.expanduser(os.fspath(data_dir))]
-    dirs = []
-    if os.environ.get(ENV_VAR):
-        dirs.append(os.path.expanduser(os.environ[ENV_VAR]))
-    dirs.append(os.path.expanduser(DEFAULT_DIR))
-    return dirs
+        folder, source = os.fspath(data_dir), "--data-dir"
+    elif os.environ.get(ENV_VAR):
+        folder, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    else:
+        folder, source = DEFAULT_DIR, "the default cache"
+    folder = os.path.expanduser(folder)
+    return MnistLocation(folder, source, tuple(_missing(folder)))
 
 
 def _missing(folder):
     return [f for f in FILES.values() if not os.path.isfile(os.path.join(folder, f))]
+
+
+def _folder_error(folder, source, error):
+    """A DataFolderError naming the folder, how it was chosen (``source``, may be None) and the OSError's reason."""
+    reason = error.strerror or str(error)        # "Permission denied", "Not a directory", ...
+    where = folder if source is None else f"{folder} (from {source})"
+    return DataFolderError(f"MNIST folder {where} cannot take the downloaded files: {reason}. "
+                           f"Copy the four files there yourself, or choose a writable folder with "
+                           f"--data-dir or ${ENV_VAR}")
+
+
+def check_writable(folder, source="--data-dir"):
+    """Create ``folder`` if needed and write (then delete) a file in it.
+
+    A real attempt, not ``os.access``: it is the only test that sees read-only
+    mounts, full disks and the privileges of whoever runs it.
+
+    Raises
+    ------
+    DataFolderError naming the folder, ``source`` and the reason (the errno text).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise _folder_error(folder, source, e) from None
 
 
 def download_file(name, folder, mirrors=None, opener=None, progress=True):
@@ -181,16 +241,20 @@ def download_file(name, folder, mirrors=None, opener=None, progress=True):
 
     Returns
     -------
-    the final path. Raises DataNotFoundError listing every mirror's failure.
+    the final path. Raises DataNotFoundError listing every mirror's failure,
+    DataFolderError when ``folder`` cannot be created or written.
     """
     mirrors = MIRRORS if mirrors is None else mirrors
     opener = opener or (lambda url: urllib.request.urlopen(url, timeout=30))
-    os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, name)
     failures = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + name
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        except OSError as e:        # the folder's fault, not the mirror's: no point trying the others
+            raise _folder_error(folder, None, e) from None
         try:
             with os.fdopen(fd, "wb") as out, opener(url) as response:
                 total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
@@ -216,28 +280,33 @@ def find_mnist(data_dir=None, download=True, mirrors=None, opener=None, progress
 
     Returns
     -------
-    str, the folder. Raises DataNotFoundError with a message saying which files
-    are missing and where to put them.
+    str, the folder (see ``find_mnist_dir`` for which). Raises DataNotFoundError
+    saying which files are missing and where to put them, DataFolderError when
+    the folder is not a directory or cannot take a download.
     """
-    dirs = candidate_dirs(data_dir)
-    for folder in dirs:
-        if not _missing(folder):
-            return folder
-    target = dirs[0]
-    missing = _missing(target)
-    how = (f"copy {', '.join(missing)} into {target}"
+    folder, source, missing = find_mnist_dir(data_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataFolderError(f"MNIST folder {folder} (from {source}) is not a directory")
+    if not missing:
+        return folder                     # only read from here on: a read-only copy is fine
+    how = (f"copy {', '.join(missing)} into {folder} (from {source})"
            + ("" if data_dir is not None else f", or set {ENV_VAR} (or pass --data-dir) to a folder that holds all four"))
     if not download:
-        raise DataNotFoundError(f"MNIST files missing from {target}: {', '.join(missing)}; {how}")
+        raise DataNotFoundError(f"MNIST files missing from {folder} (from {source}): {', '.join(missing)}; {how}")
+    check_writable(folder, source)       # one clear reason before any network traffic
+    if progress:
+        tqdm.write(f"MNIST: downloading {len(missing)} file(s) into {folder} (from {source})", file=sys.stderr)
     for name in missing:
         try:
-            download_file(name, target, mirrors=mirrors, opener=opener, progress=progress)
+            download_file(name, folder, mirrors=mirrors, opener=opener, progress=progress)
+        except DataFolderError:
+            raise
         except DataNotFoundError as e:
             # every mirror failed for this file: the others would fail the same way, so stop here
-            raise DataNotFoundError(f"MNIST files missing from {target} and no mirror could be reached "
-                                    f"(no network?): {', '.join(_missing(target))}. To work offline, {how}. "
+            raise DataNotFoundError(f"MNIST files missing from {folder} and no mirror could be reached "
+                                    f"(no network?): {', '.join(_missing(folder))}. To work offline, {how}. "
                                     f"Details: {e}") from None
-    return target
+    return folder
 
 
 # ===== the dataset =====
@@ -287,8 +356,8 @@ def load_mnist(data_dir=None, validation=5000, seed=0, download=True, mirrors=No
 
     Parameters
     ----------
-    data_dir : folder with the four ``.gz`` files, or None to look in
-        ``$SCRATCHNET_DATA`` then ``~/.cache/scratchnet/mnist``
+    data_dir : folder with the four ``.gz`` files, or None for ``$SCRATCHNET_DATA``,
+        else ``~/.cache/scratchnet/mnist`` (see ``find_mnist_dir``)
     validation : int, how many training images to hold out (0 <= validation < 60000)
     seed : int, picks which images are held out
     download : bool, fetch missing files from ``mirrors``

@@ -33,11 +33,9 @@ T_HIGH = 100.0
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    if not os.path.isdir(mnist_dir()):
-        pytest.skip(f"MNIST not found at {mnist_dir()}")
+def mnist(mnist_folder):
     from scratchnet.data import load_mnist
-    return load_mnist(mnist_dir(), download=False, progress=False)
+    return load_mnist(mnist_folder, download=False, progress=False)
 
 
 def small_mlp(seed=0):

@@ -9,10 +9,7 @@ import pytest
 from scratchnet import cli
 from scratchnet import data as D
 
-from conftest import mnist_dir
-
-HAVE_MNIST = os.path.isfile(os.path.join(mnist_dir(), "t10k-images-idx3-ubyte.gz"))
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST files not found in {mnist_dir()}")
+from conftest import mnist_dir, needs_mnist
 
 
 def run(capsys, *argv):

@@ -3,19 +3,22 @@
 No test touches the network: downloads are served from ``file://`` URLs or a
 fake opener.
 """
+import errno
 import gzip
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import struct
+import tempfile
 
 import numpy as np
 import pytest
 
 from scratchnet import data as D
 
-from conftest import mnist_dir
+from conftest import mnist_dir, needs_mnist
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -31,13 +34,6 @@ def write_gz(path, raw):
     with gzip.open(path, "wb") as f:
         f.write(raw)
     return str(path)
-
-
-def real_files_present():
-    return all(os.path.isfile(os.path.join(mnist_dir(), f)) for f in D.FILES.values())
-
-
-needs_mnist = pytest.mark.skipif(not real_files_present(), reason=f"MNIST files not found in {mnist_dir()}")
 
 
 # ===== parsing =====
@@ -97,25 +93,128 @@ def test_checksum_mismatch_names_the_file_and_both_digests(tmp_path):
 
 # ===== lookup order =====
 
+def fake_files(folder):
+    """The four file names, with no content: enough for the lookup, which only checks presence."""
+    os.makedirs(folder, exist_ok=True)
+    for name in D.FILES.values():
+        open(os.path.join(folder, name), "wb").close()
+    return str(folder)
+
+
 def test_lookup_order_explicit_then_env_then_user_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "DEFAULT_DIR", str(tmp_path / "home-cache"))
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
-    assert D.candidate_dirs(tmp_path / "explicit") == [str(tmp_path / "explicit")]
-    assert D.candidate_dirs() == [str(tmp_path / "env"), str(tmp_path / "home-cache")]
+    assert D.find_mnist_dir(tmp_path / "explicit")[:2] == (str(tmp_path / "explicit"), "--data-dir")
+    assert D.find_mnist_dir()[:2] == (str(tmp_path / "env"), "$SCRATCHNET_DATA")
     monkeypatch.delenv(D.ENV_VAR)
-    assert D.candidate_dirs() == [str(tmp_path / "home-cache")]
+    where = D.find_mnist_dir()
+    assert (where.folder, where.source) == (str(tmp_path / "home-cache"), "the default cache")
+    assert where.missing == tuple(D.FILES.values()) and not where.present
+    fake_files(tmp_path / "home-cache")
+    assert D.find_mnist_dir().present and D.find_mnist_dir().missing == ()
+
+
+def test_the_default_cache_is_under_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert D.find_mnist_dir().folder == str(tmp_path / ".cache" / "scratchnet" / "mnist")
+
+
+def test_a_named_folder_is_the_one_used_never_a_silent_fallback(tmp_path, monkeypatch):
+    """$SCRATCHNET_DATA (or --data-dir) names an incomplete folder while the user cache holds
+    all four files: the named folder is reported as missing them, the cache is not used."""
+    monkeypatch.setattr(D, "DEFAULT_DIR", fake_files(tmp_path / "home-cache"))
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
+    with pytest.raises(D.DataNotFoundError) as info:
+        D.find_mnist(download=False)
+    assert str(tmp_path / "env") in str(info.value) and "$SCRATCHNET_DATA" in str(info.value)
+    with pytest.raises(D.DataNotFoundError, match="from --data-dir"):
+        D.find_mnist(tmp_path / "elsewhere", download=False)
+    monkeypatch.setenv(D.ENV_VAR, fake_files(tmp_path / "env"))
+    assert D.find_mnist(download=False) == str(tmp_path / "env")
 
 
 @needs_mnist
-def test_env_folder_is_used_and_user_cache_is_the_fallback(tmp_path, monkeypatch):
-    real = mnist_dir()
-    monkeypatch.setattr(D, "DEFAULT_DIR", real)
-    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "empty"))
-    # $SCRATCHNET_DATA holds nothing, so the files are found in the user cache folder
-    assert D.find_mnist(download=False) == real
-    monkeypatch.setenv(D.ENV_VAR, real)
-    monkeypatch.setattr(D, "DEFAULT_DIR", str(tmp_path / "empty"))
-    assert D.find_mnist(download=False) == real
+def test_the_env_folder_is_read(monkeypatch):
+    monkeypatch.setenv(D.ENV_VAR, mnist_dir())
+    assert D.find_mnist(download=False) == mnist_dir()
+    assert D.load_mnist(validation=0, download=False).data_dir == mnist_dir()
+
+
+# ===== folders that cannot be used =====
+
+def _offline(url):
+    raise AssertionError(f"no download may be tried, got {url}")
+
+
+def test_a_data_dir_that_is_a_file_is_named_not_a_directory(tmp_path):
+    not_a_folder = tmp_path / "mnist.tar"
+    not_a_folder.write_bytes(b"x")
+    for download in (True, False):
+        with pytest.raises(D.DataFolderError, match=re.escape(f"{not_a_folder} (from --data-dir) is not a directory")):
+            D.find_mnist(not_a_folder, download=download, opener=_offline, progress=False)
+
+
+def test_a_folder_under_a_file_cannot_take_a_download_and_says_why(tmp_path, monkeypatch):
+    """A real failure even for root: a folder cannot be created under a regular file."""
+    (tmp_path / "file").write_bytes(b"x")
+    target = tmp_path / "file" / "mnist"
+    monkeypatch.setenv(D.ENV_VAR, str(target))
+    with pytest.raises(D.DataFolderError) as info:
+        D.load_mnist(opener=_offline, progress=False)
+    message = str(info.value)
+    assert str(target) in message and "$SCRATCHNET_DATA" in message and "Not a directory" in message
+    assert ".part" not in message
+
+
+def _read_only(monkeypatch, folder):
+    """Make creating files in ``folder`` fail with EACCES, as a read-only folder does for a non-root user
+    (chmod alone does not stop root, who runs these tests in CI)."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir) == os.path.abspath(folder):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, "tmpXXXX"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_a_read_only_folder_missing_files_names_the_folder_and_the_reason(tmp_path, monkeypatch):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    _read_only(monkeypatch, folder)
+    with pytest.raises(D.DataFolderError) as info:
+        D.load_mnist(folder, opener=_offline, progress=False)
+    message = str(info.value)
+    assert f"{folder} (from --data-dir)" in message and "Permission denied" in message
+    assert ".part" not in message and "no network" not in message
+    assert os.listdir(folder) == []
+    # download_file itself says the same, before trying any mirror
+    with pytest.raises(D.DataFolderError, match=re.escape(str(folder)) + ".*Permission denied"):
+        D.download_file("t10k-labels-idx1-ubyte.gz", str(folder), mirrors=["https://m.invalid/"],
+                        opener=_offline, progress=False)
+
+
+def test_a_read_only_folder_holding_the_files_is_only_read(tmp_path, monkeypatch):
+    folder = fake_files(tmp_path / "readonly")
+    _read_only(monkeypatch, folder)
+    assert D.find_mnist(folder, opener=_offline, progress=False) == folder
+
+
+@needs_mnist
+def test_real_files_load_from_a_read_only_copy(tmp_path, monkeypatch):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in D.FILES.values():
+        shutil.copy(os.path.join(mnist_dir(), name), folder / name)
+        os.chmod(folder / name, 0o444)
+    os.chmod(folder, 0o555)
+    _read_only(monkeypatch, folder)
+    try:
+        data = D.load_mnist(folder, validation=0, opener=_offline, progress=False)
+    finally:
+        os.chmod(folder, 0o755)
+    assert data.test_x.shape == (10000, 1, 28, 28) and data.data_dir == str(folder)
 
 
 def test_missing_files_without_download_say_which_and_where(tmp_path):

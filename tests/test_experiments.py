@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import mnist_dir
+from conftest import mnist_dir, needs_mnist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = os.path.normpath(os.path.join(HERE, "..", "experiments"))
@@ -28,8 +28,7 @@ import saturation  # noqa: E402
 
 TINY = ["--T", "1", "30", "--architecture", "small", "--train-size", "4000", "--epochs", "3", "--no-progress"]
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(mnist_dir(), "train-images-idx3-ubyte.gz")),
-                                reason=f"MNIST not found in {mnist_dir()} (set SCRATCHNET_DATA)")
+pytestmark = needs_mnist
 
 
 def run(script, args, cwd, env_extra=None):

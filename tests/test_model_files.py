@@ -265,7 +265,8 @@ def test_cli_evaluate_a_directory_is_one_line(tmp_path, capsys):
 # ===== fuzz: nothing but ModelFileError escapes =====
 
 # Corruptions that always leave a model unusable: load must refuse every one.
-ALWAYS_FATAL = {"delete key", "reshape", "bad dtype", "non-finite", "mixed dtype", "garble json", "truncate", "extra key"}
+ALWAYS_FATAL = {"delete key", "reshape", "bad dtype", "non-finite", "mixed dtype", "garble json", "truncate",
+                "extra key"}
 
 
 def _corrupt(rng, arrays, raw):

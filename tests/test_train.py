@@ -15,11 +15,9 @@ from scratchnet.data import MNIST, load_mnist
 from scratchnet.layers import Dense, Flatten
 from scratchnet.model import Sequential, load
 
-from conftest import mnist_dir
+from conftest import mnist_dir, needs_mnist
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(mnist_dir(), "train-images-idx3-ubyte.gz")),
-    reason=f"MNIST files not found in {mnist_dir()}")
+pytestmark = needs_mnist
 
 # A short run: the small network, 3,000 training images, 3 epochs, Adam at lr 1e-2.
 SHORT = dict(epochs=3, lr=1e-2, progress=False)
