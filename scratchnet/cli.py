@@ -52,7 +52,8 @@ def positive_int(text):
 # ===== train =====
 
 def _add_train(sub):
-    from .train import ARCHITECTURES, DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, RECIPES
+    from .recipes import ARCHITECTURES, DEFAULT_EPOCHS, RECIPES
+    from .training import DEFAULT_LR, OPTIMIZERS
     p = sub.add_parser(
         "train", help="train a model with one of the three recipes (or fetch it from the cache)",
         description="Train a model with one of the study's recipes and deploy it at T = 1. "
@@ -89,7 +90,8 @@ def _add_train(sub):
 
 
 def run_train(args):
-    from .cache import check_recipe, get_model
+    from .cache import get_model
+    from .recipes import check_recipe
     from .data import load_mnist
     from .model import save
     if args.recipe != "standard" and args.T is None:
@@ -144,7 +146,7 @@ def format_confusion(confusion):
 def run_evaluate(args):
     from .data import load_mnist
     from .model import load
-    from .train import evaluate
+    from .training import evaluate
     model, meta = load(args.model, device=args.device)   # first, so a bad file fails before any data work
     data = load_mnist(args.data_dir, download=not args.no_download, validation=0)
     result = evaluate(model, data.test_x, data.test_y, T=args.T)
@@ -202,7 +204,7 @@ def main(argv=None):
     from .backend import DeviceError
     from .data import DataError, DataNotFoundError
     from .model import ModelFileError
-    from .train import TrainingDivergedError
+    from .training import TrainingDivergedError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

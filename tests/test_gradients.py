@@ -182,9 +182,9 @@ def test_cross_entropy_rejects_bad_targets():
     z = np.zeros((3, 10))
     with pytest.raises(ValueError, match="labels must lie in"):
         softmax_cross_entropy(z, np.array([0, 1, 10]))
-    with pytest.raises(ValueError, match="integer class labels"):
+    with pytest.raises(ValueError, match="integer class indices"):
         softmax_cross_entropy(z, np.array([0.0, 1.0, 2.0]))
-    with pytest.raises(ValueError, match="T must be > 0"):
+    with pytest.raises(ValueError, match="T must be a finite number > 0"):
         softmax_cross_entropy(z, np.array([0, 1, 2]), T=0)
     with pytest.raises(ValueError, match="soft targets"):
         softmax_cross_entropy(z, np.ones((3, 9)) / 9)
