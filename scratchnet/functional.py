@@ -266,6 +266,14 @@ def log_softmax(z, T=1.0):
     return s - logsumexp(s, axis=-1)[..., None]
 
 
+def logit_margins(z):
+    """Top logit minus the runner-up, per row of z (N, K) -> (N,): the margin M that
+    sets how far softmax(z) saturates (1 - p_top is about exp(-M))."""
+    xp = get_array_module(z)
+    top2 = xp.sort(z, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
 def log_one_minus_p(logp, idx):
     """log(1 - p_idx) per row, from log-probabilities: logsumexp over the other classes.
 

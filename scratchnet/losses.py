@@ -31,9 +31,8 @@ def check_labels(labels, N, K, what="labels"):
     return labels
 
 
-def one_hot(labels, K, dtype):
-    """(N, K) rows with a 1 at each label (on the labels' array module)."""
-    xp = get_array_module(labels)
+def one_hot(labels, K, xp, dtype):
+    """(N, K) rows of array module ``xp`` with a 1 at each label (N,)."""
     t = xp.zeros((labels.shape[0], K), dtype=dtype)
     t[xp.arange(labels.shape[0]), labels] = 1
     return t
@@ -45,7 +44,7 @@ def _as_target_matrix(targets, logits):
     """(N, K) probability rows from integer labels (N,) or soft targets (N, K)."""
     N, K = logits.shape
     if targets.ndim == 1:
-        return one_hot(check_labels(targets, N, K), K, logits.dtype)
+        return one_hot(check_labels(targets, N, K), K, get_array_module(logits), logits.dtype)
     if targets.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {logits.shape}, got {targets.shape}")
     return targets.astype(logits.dtype, copy=False)

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import functional as F
 from .backend import to_device, to_numpy
 from .layers import Dropout
+from .functional import logit_margins
 from .losses import check_labels, softmax_cross_entropy
 from .optim import SGD, Adam
 
@@ -223,12 +224,6 @@ def logits_in_batches(model, x, batch_size=1000):
 def accuracy(model, x, y, batch_size=1000):
     """Fraction of images whose arg-max logit is the label ``y`` (N,)."""
     return float((logits_in_batches(model, x, batch_size).argmax(axis=1) == to_numpy(y)).mean())
-
-
-def logit_margins(z):
-    """Top logit minus the runner-up, per row of z (N, K) -> (N,)."""
-    top2 = np.sort(z, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
 
 
 def evaluate(model, x, y, T=1.0, batch_size=1000):
