@@ -200,8 +200,12 @@ def test_probability_gradients_vanish_and_the_margin_predicts_by_how_much(hot_di
     assert np.median(gap) < 0.3 and np.all(hot["log10_factor_measured"][sat] >= hot["log10_factor_predicted"][sat] - 1e-6)
     cmp = compare_suppression(hot, ref, "loss_log10_l2")
     assert cmp["measured_log10_geometric_mean"] < -30
+    # measured 1.6 % apart (-92.0 against -93.5 decades); 5 % leaves room for the
+    # training's rounding, while a prediction 20 % off fails
     assert abs(cmp["measured_log10_geometric_mean"] - cmp["predicted_log10_from_mean_margin"]) < \
-        0.25 * abs(cmp["predicted_log10_from_mean_margin"]), cmp
+        0.05 * abs(cmp["predicted_log10_from_mean_margin"]), cmp
+    assert abs(cmp["measured_log10_median"] - cmp["predicted_log10_from_median_margin"]) < \
+        0.05 * abs(cmp["predicted_log10_from_median_margin"]), cmp
     # Carlini and Wagner's rescaling, softmax(z / T_train): the gradient is back
     s_resc = summarize_by_correctness(rescaled, "probs_log10_l2")["correct"]
     assert rescaled["probs_all_zero"].mean() == 0 and s_resc["log10_median"] > -4, s_resc

@@ -101,7 +101,7 @@ def test_attack_gradient_matches_finite_differences(wrt, targeted):
             return p if targeted else -p
         other = np.where(np.eye(K)[cls] > 0, -np.inf, zz).max(axis=1)
         return zz[n, cls] - other if targeted else other - zz[n, cls]
-    assert_close_gradients(dx, fd_of(model, x, objective), tol=1e-6, what=f"{wrt} objective")
+    assert_close_gradients(dx, fd_of(model, x, objective), tol=1e-8, what=f"{wrt} objective")
 
 
 def test_objective_gradient_of_cw_f6_matches_finite_differences():
@@ -113,7 +113,7 @@ def test_objective_gradient_of_cw_f6_matches_finite_differences():
         return f, dZ
     dx, values, z = objective_gradient(model, x.copy(), objective)
     assert values.shape == (3,)
-    assert_close_gradients(dx, fd_of(model, x, lambda zz: f6(zz, t, 0.0, True)[0]), tol=1e-6, what="f6")
+    assert_close_gradients(dx, fd_of(model, x, lambda zz: f6(zz, t, 0.0, True)[0]), tol=1e-8, what="f6")
 
 
 def test_loss_dlogits_is_the_per_image_training_gradient():
