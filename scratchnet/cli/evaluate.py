@@ -7,13 +7,15 @@ import numpy as np
 from . import data_options, device_option, positive_float
 
 
+DESCRIPTION = ("Evaluate a saved model on the 10,000 MNIST test images at T = 1: accuracy, confusion "
+               "counts, the mean top probability, and the fraction of images whose top probability is "
+               "exactly 1.0 in the model's dtype (float32).")
+
+
 def add_parser(sub):
     """Register ``evaluate`` and its options."""
-    p = sub.add_parser(
-        "evaluate", help="test accuracy and softmax saturation of a saved model",
-        description="Evaluate a saved model on the 10,000 MNIST test images at T = 1: accuracy, "
-                    "confusion counts, the mean top probability, and the fraction of images whose "
-                    "top probability is exactly 1.0 in the model's dtype (float32).")
+    p = sub.add_parser("evaluate", help="test accuracy and softmax saturation of a saved model",
+                       description=DESCRIPTION)
     p.add_argument("model", metavar="MODEL.npz", help="a model .npz written by 'scratchnet train'")
     p.add_argument("--T", type=positive_float, default=1.0, help="deployment temperature (default 1)")
     data_options(p)
