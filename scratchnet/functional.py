@@ -11,6 +11,10 @@ alike: the array module ``xp`` is taken from the data, and the hot loops
 (convolution, max pooling, ReLU) come from the kernel registry in ``kernels``,
 whose plain NumPy versions in ``kernels/reference.py`` spell out the maths.
 """
+import math
+
+import numpy as np
+
 import kernels
 
 from .backend import get_array_module
@@ -187,6 +191,21 @@ def dropout_backward(dy, cache):
 
 # ===== softmax at temperature T =====
 
+def check_T(T):
+    """The temperature as a float; a ValueError unless it is a finite number > 0.
+
+    The one check of T in scratchnet: the training loop, the cache, the
+    attacks and the command line all call it.
+    """
+    try:
+        value = float(T)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature T must be a finite number > 0, got {T!r}")
+    return value
+
+
 def softmax_forward(z, T=1.0):
     """p = softmax(z / T) over the last axis.
 
@@ -226,9 +245,50 @@ def softmax_backward(dp, cache):
     return dz
 
 
+def logsumexp(a, axis=-1):
+    """log sum_k exp(a_k) along ``axis``, without overflow or underflow.
+
+    The largest entry is taken out first (a stability shift); a slice that is
+    all -inf (nothing to sum) gives -inf rather than NaN.
+    """
+    xp = get_array_module(a)
+    m = a.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)           # an all -inf slice: shift by 0, the sum is 0
+    with np.errstate(divide="ignore"):           # log(0) = -inf is the answer, not an accident
+        return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
 def log_softmax(z, T=1.0):
-    """log softmax(z / T), computed stably as s - logsumexp(s) with s = z / T."""
-    xp = get_array_module(z)
+    """log softmax(z / T) = s - logsumexp(s) with s = z / T: no probability is formed,
+    so a class far below the top keeps its true (very negative) log-probability."""
     s = z / T                                    # the temperature
-    s = s - s.max(axis=-1, keepdims=True)
-    return s - xp.log(xp.exp(s).sum(axis=-1, keepdims=True))
+    s = s - s.max(axis=-1, keepdims=True)        # stability shift: the top class's log p is exact
+    return s - logsumexp(s, axis=-1)[..., None]
+
+
+def logit_margins(z):
+    """Top logit minus the runner-up, per row of z (N, K) -> (N,): the margin M that
+    sets how far softmax(z) saturates (1 - p_top is about exp(-M))."""
+    xp = get_array_module(z)
+    top2 = xp.sort(z, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def log_one_minus_p(logp, idx):
+    """log(1 - p_idx) per row, from log-probabilities: logsumexp over the other classes.
+
+    Parameters
+    ----------
+    logp : (N, K) log softmax
+    idx : (N,) int, the class of each row
+
+    Returns
+    -------
+    (N,): log(1 - p_idx) = log sum_{j != idx} p_j. Exact where 1 - p_idx is far
+    below the dtype's resolution (a saturated softmax), where forming 1 - p
+    would give 0.
+    """
+    xp = get_array_module(logp)
+    N, K = logp.shape
+    others = xp.where(xp.arange(K)[None, :] == idx[:, None], -xp.inf, logp)
+    return logsumexp(others, axis=1)

@@ -5,23 +5,46 @@ The loss a network trained "at temperature T" sees is the cross-entropy of
 ``1 / T`` is why plain SGD at a T = 1 learning rate crawls at T = 100, and why
 the network answers by growing its logits about T times larger.
 """
+import numpy as np
+
 from .backend import get_array_module
-from .functional import log_softmax
+from .functional import check_T, log_softmax
 
 
-def _as_target_matrix(targets, logits, xp):
+# ===== labels =====
+
+def check_labels(labels, N, K, what="labels"):
+    """Integer class indices of shape (N,) in [0, K), or a ValueError that says what came.
+
+    The one check of class labels in scratchnet (training targets, attack
+    labels and targets). A list becomes a NumPy array; arrays keep their module.
+    """
+    if isinstance(labels, (list, tuple)):
+        labels = np.asarray(labels)
+    shape = tuple(getattr(labels, "shape", ()))
+    if len(shape) != 1 or shape[0] != N:
+        raise ValueError(f"{what} must have shape ({N},), got {shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+    if N and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise ValueError(f"{what} must lie in [0, {K - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def one_hot(labels, K, xp, dtype):
+    """(N, K) rows of array module ``xp`` with a 1 at each label (N,)."""
+    t = xp.zeros((labels.shape[0], K), dtype=dtype)
+    t[xp.arange(labels.shape[0]), labels] = 1
+    return t
+
+
+# ===== cross-entropy at T =====
+
+def _as_target_matrix(targets, logits):
     """(N, K) probability rows from integer labels (N,) or soft targets (N, K)."""
     N, K = logits.shape
     if targets.ndim == 1:
-        if targets.dtype.kind not in "iu":
-            raise ValueError(f"hard targets must be integer class labels of shape ({N},), got dtype {targets.dtype}")
-        if targets.shape[0] != N:
-            raise ValueError(f"expected {N} labels for logits of shape {logits.shape}, got {targets.shape[0]}")
-        if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= K):
-            raise ValueError(f"labels must lie in [0, {K - 1}], got values in [{int(targets.min())}, {int(targets.max())}]")
-        t = xp.zeros((N, K), dtype=logits.dtype)
-        t[xp.arange(N), targets] = 1
-        return t
+        return one_hot(check_labels(targets, N, K), K, get_array_module(logits), logits.dtype)
     if targets.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {logits.shape}, got {targets.shape}")
     return targets.astype(logits.dtype, copy=False)
@@ -51,10 +74,8 @@ def softmax_cross_entropy(logits, targets, T=1.0):
     size (about exp(-margin)), instead of rounding to zero. float64
     measurements therefore see the real magnitude.
     """
-    xp = get_array_module(logits)
-    if T <= 0:
-        raise ValueError(f"temperature T must be > 0, got {T}")
-    t = _as_target_matrix(targets, logits, xp)
+    T = check_T(T)
+    t = _as_target_matrix(targets, logits)
     N = logits.shape[0]
     logp = log_softmax(logits, T)
     loss = float(-(t * logp).sum() / N)

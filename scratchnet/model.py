@@ -9,13 +9,12 @@ Saved models are one ``.npz`` file (see ``save`` / ``load`` and the README).
 """
 import json
 import os
-import tempfile
-import zipfile
 
 import numpy as np
 
 from . import functional as F
 from .backend import get_array_module, to_device, to_numpy
+from .files import save_npz_atomic
 from .layers import LAYER_TYPES, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 
 FORMAT = "scratchnet-model-v1"
@@ -108,6 +107,18 @@ class Sequential:
             layer.params = {k: to_device(v, device, dtype) for k, v in layer.params.items()}
             layer.grads = {}
         return self
+
+    @property
+    def n_classes(self):
+        """K, the number of logits: the width of the last Dense layer.
+
+        Read from the weights, not from a forward pass, so asking never
+        overwrites the caches the layers keep for the next ``backward``.
+        """
+        for layer in reversed(self.layers):
+            if isinstance(layer, Dense):
+                return int(layer.params["W"].shape[1])
+        raise ValueError("this network has no Dense layer to read its number of classes from")
 
     @property
     def dtype(self):
@@ -334,22 +345,6 @@ def save(model, path, metadata=None):
     arrays["__architecture__"] = np.array(json.dumps(model.architecture()))
     arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
     save_npz_atomic(path, arrays)
-
-
-def save_npz_atomic(path, arrays):
-    """np.savez to a temporary file in the target folder, then rename it into place:
-    readers see the old file or the complete new one, never a partial one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):                  # only left behind when something failed
-            os.remove(tmp)
 
 
 def _read_arrays(path):

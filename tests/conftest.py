@@ -1,23 +1,7 @@
-"""Shared fixtures: the array module under test, and the MNIST location."""
+"""Shared by the tests: where MNIST is."""
 import os
 
-import numpy as np
 import pytest
-
-from scratchnet.backend import gpu_available
-
-_GPU_OK, _GPU_REASON = gpu_available()
-
-
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    """Each backend-generic test runs on NumPy and, where a CUDA device is present, on CuPy."""
-    if request.param == "numpy":
-        return np
-    if not _GPU_OK:
-        pytest.skip(f"CuPy backend not testable here: {_GPU_REASON}")
-    import cupy
-    return cupy
 
 
 # ===== MNIST =====

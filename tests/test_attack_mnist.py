@@ -21,7 +21,8 @@ import pytest
 
 from conftest import mnist_dir
 from scratchnet.attacks import cw_l2, fgsm, gradient_diagnostics, jsma, pgd
-from scratchnet.attacks import command
+from scratchnet import cli
+from scratchnet.cli import attack as attack_command
 from scratchnet.attacks.diagnostics import compare_suppression, summarize, summarize_by_correctness
 from scratchnet.layers import Dense, Flatten, ReLU
 from scratchnet.losses import softmax_cross_entropy
@@ -197,8 +198,12 @@ def test_probability_gradients_vanish_and_the_margin_predicts_by_how_much(hot_di
     assert np.median(gap) < 0.3 and np.all(hot["log10_factor_measured"][sat] >= hot["log10_factor_predicted"][sat] - 1e-6)
     cmp = compare_suppression(hot, ref, "loss_log10_l2")
     assert cmp["measured_log10_geometric_mean"] < -30
+    # measured 1.6 % apart (-92.0 against -93.5 decades); 5 % leaves room for the
+    # training's rounding, while a prediction 20 % off fails
     assert abs(cmp["measured_log10_geometric_mean"] - cmp["predicted_log10_from_mean_margin"]) < \
-        0.25 * abs(cmp["predicted_log10_from_mean_margin"]), cmp
+        0.05 * abs(cmp["predicted_log10_from_mean_margin"]), cmp
+    assert abs(cmp["measured_log10_median"] - cmp["predicted_log10_from_median_margin"]) < \
+        0.05 * abs(cmp["predicted_log10_from_median_margin"]), cmp
     # Carlini and Wagner's rescaling, softmax(z / T_train): the gradient is back
     s_resc = summarize_by_correctness(rescaled, "probs_log10_l2")["correct"]
     assert rescaled["probs_all_zero"].mean() == 0 and s_resc["log10_median"] > -4, s_resc
@@ -235,10 +240,9 @@ def test_probability_attacks_fail_and_logit_attacks_succeed_on_the_hot_model(mod
 
 # ===== the command line =====
 
-def _parse(argv):
-    parser = argparse.ArgumentParser(prog="scratchnet attack")
-    command.add_arguments(parser)
-    return parser.parse_args(argv)
+def attack(*argv):
+    """``scratchnet attack ARGV`` in this process; returns the exit status."""
+    return cli.main(["attack", *map(str, argv)])
 
 
 @pytest.fixture(scope="module")
@@ -250,11 +254,12 @@ def saved_hot(model_hot, tmp_path_factory):
 
 def test_attack_command_writes_its_record_grid_and_images(saved_hot, tmp_path, capsys):
     out = tmp_path / "rec.json"
-    args = _parse([str(saved_hot), "--attack", "jsma", "--wrt", "probs", "--n", "6", "--target", "next",
-                   "--data-dir", mnist_dir(), "--device", "cpu", "--json", str(out),
-                   "--png", str(tmp_path / "grid.png"), "--save", str(tmp_path / "adv.npz")])
-    assert command.run(args) == 0
-    text = capsys.readouterr().out
+    status = attack(saved_hot, "--attack", "jsma", "--wrt", "probs", "--n", "6", "--target", "next",
+                    "--data-dir", mnist_dir(), "--device", "cpu", "--json", out,
+                    "--png", tmp_path / "grid.png", "--save", tmp_path / "adv.npz")
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    text = captured.out
     assert "success rate" in text and "classified correctly before the attack" in text
     assert "exactly 1.0" in text and "empty saliency map" in text
     rec = json.loads(out.read_text())
@@ -267,10 +272,9 @@ def test_attack_command_writes_its_record_grid_and_images(saved_hot, tmp_path, c
     from PIL import Image
     assert Image.open(tmp_path / "grid.png").size[0] > 300
     # --T train: the rescaled softmax of Carlini and Wagner, read from the model's metadata
-    args = _parse([str(saved_hot), "--attack", "fgsm", "--wrt", "probs", "--T", "train", "--eps", "0.2",
-                   "--n", "10", "--data-dir", mnist_dir(), "--device", "cpu", "--no-diagnostics",
-                   "--json", str(out)])
-    assert command.run(args) == 0
+    assert attack(saved_hot, "--attack", "fgsm", "--wrt", "probs", "--T", "train", "--eps", "0.2",
+                  "--n", "10", "--data-dir", mnist_dir(), "--device", "cpu", "--no-diagnostics",
+                  "--json", out) == 0
     s = json.loads(out.read_text())["summary"]
     assert s["T"] == T_HIGH and s["success_rate"] >= 0.8
 
@@ -278,23 +282,34 @@ def test_attack_command_writes_its_record_grid_and_images(saved_hot, tmp_path, c
 @pytest.mark.parametrize("argv,message", [
     (["--attack", "jsma", "--wrt", "loss"], "--attack jsma differentiates probs or logits"),
     (["--attack", "jsma", "--target", "none"], "targeted"),
-    (["--T", "-1"], "--T must be a positive number"),
-    (["--T", "hot"], "--T must be a positive number or 'train'"),
-    (["--n", "0"], "--n must be >= 1"),
+    (["--T", "-1"], "argument --T: expected a finite number > 0 or 'train', got '-1'"),
+    (["--T", "hot"], "argument --T: expected a finite number > 0 or 'train', got 'hot'"),
+    (["--n", "0"], "argument --n: expected a positive integer, got 0"),
     (["--target", "12"], "--target class must be in 0-9"),
     (["--json", "/no/such/folder/x.json"], "output folder does not exist"),
 ])
-def test_attack_command_bad_arguments_are_one_line(saved_hot, capsys, argv, message):
-    args = _parse([str(saved_hot), "--data-dir", mnist_dir(), "--device", "cpu", "--n", "3"] + argv)
-    assert command.run(args) == 2
+def test_attack_command_bad_arguments_are_one_line_usage_errors(saved_hot, capsys, argv, message):
+    status = attack(saved_hot, "--data-dir", mnist_dir(), "--device", "cpu", "--n", "3", *argv)
     err = capsys.readouterr().err
+    assert status == cli.EXIT_USAGE == 2, err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_attack_command_missing_model_is_one_line(tmp_path, capsys):
-    assert command.run(_parse([str(tmp_path / "none.npz")])) == 2
+def test_attack_command_missing_model_is_a_one_line_runtime_failure(tmp_path, capsys):
+    assert attack(tmp_path / "none.npz") == cli.EXIT_RUNTIME == 1
     err = capsys.readouterr().err
     assert "model file not found" in err and err.count("\n") == 1
+
+
+def test_attack_png_is_titled_with_the_run_not_a_panel_caption(tmp_path, monkeypatch):
+    import matplotlib.figure
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    attack_command.save_png(tmp_path / "g.png", x, x + 0.5, [1, 2], [1, 2], [3, 4], targets=[5, 6],
+                            title="jsma on hot.npz, differentiating probs")
+    assert titles == ["jsma on hot.npz, differentiating probs"]
+    assert (tmp_path / "g.png").stat().st_size > 0
 
 
 def test_python_m_scratchnet_attack(saved_hot, tmp_path):

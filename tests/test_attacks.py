@@ -11,9 +11,9 @@ from scratchnet import functional as F
 from scratchnet.attacks import fgsm, jsma, pgd, cw_l2
 from scratchnet.attacks.common import distortions, L0_TOLERANCE
 from scratchnet.attacks.cw import f6
-from scratchnet.attacks.gradients import (attack_gradient, float64_copy, jacobian,
-                                          log10_loss_grad_norms, log10_probs_jacobian_norms,
-                                          loss_dlogits, loss_gradient, objective_gradient, vjps)
+from scratchnet.attacks.magnitudes import float64_copy, log10_loss_grad_norms, log10_probs_jacobian_norms
+from scratchnet.attacks.sources import (attack_gradient, jacobian, loss_dlogits, loss_gradient,
+                                        objective_gradient, vjps)
 from scratchnet.attacks.jsma import saliency_pairs
 from scratchnet.gradcheck import assert_close_gradients, numerical_vjp
 from scratchnet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
@@ -101,7 +101,7 @@ def test_attack_gradient_matches_finite_differences(wrt, targeted):
             return p if targeted else -p
         other = np.where(np.eye(K)[cls] > 0, -np.inf, zz).max(axis=1)
         return zz[n, cls] - other if targeted else other - zz[n, cls]
-    assert_close_gradients(dx, fd_of(model, x, objective), tol=1e-6, what=f"{wrt} objective")
+    assert_close_gradients(dx, fd_of(model, x, objective), tol=1e-8, what=f"{wrt} objective")
 
 
 def test_objective_gradient_of_cw_f6_matches_finite_differences():
@@ -113,7 +113,7 @@ def test_objective_gradient_of_cw_f6_matches_finite_differences():
         return f, dZ
     dx, values, z = objective_gradient(model, x.copy(), objective)
     assert values.shape == (3,)
-    assert_close_gradients(dx, fd_of(model, x, lambda zz: f6(zz, t, 0.0, True)[0]), tol=1e-6, what="f6")
+    assert_close_gradients(dx, fd_of(model, x, lambda zz: f6(zz, t, 0.0, True)[0]), tol=1e-8, what="f6")
 
 
 def test_loss_dlogits_is_the_per_image_training_gradient():
@@ -403,3 +403,17 @@ def test_summarize_reports_zeros_median_geometric_mean_and_the_pitfall():
     s = summarize(np.array([-400.0, -500.0, 2.0]), mask=np.array([True, True, False]), log10=True)
     assert s["n"] == 2 and s["log10_median"] == pytest.approx(-450)
     assert s["log10_mean_PITFALL"] == pytest.approx(-400 + math.log10((1 + 1e-100) / 2))
+
+
+def test_learning_the_class_count_keeps_the_layers_backward_caches():
+    """``model.n_classes`` reads the weights: checking an attack's input (which needs K)
+    between a forward pass and its backward passes must not replace what backward uses."""
+    from scratchnet.attacks.common import prepare
+    model, x = small_conv(), images(3)
+    dz = np.random.default_rng(0).standard_normal((3, K))
+    model.logits(x)
+    expected = model.backward(dz).copy()
+    model.logits(x)
+    assert model.n_classes == K
+    prepare(model, images(1, seed=9), np.array([1]), np.array([2]))    # one other image, checked
+    np.testing.assert_array_equal(model.backward(dz), expected)

@@ -102,20 +102,52 @@ def test_unreadable_model_is_one_line(capsys, tmp_path):
     assert_one_line_error(status, err, "absent.npz", "not found")
 
 
-# ===== the attack command is wired in, and says so plainly when it is missing =====
+# ===== one exit-code policy for every command =====
 
 def test_attack_command_is_wired(capsys):
-    pytest.importorskip("scratchnet.attacks.command")
     with pytest.raises(SystemExit) as info:
         cli.main(["attack", "--help"])
     assert info.value.code == 0
     assert "MODEL.npz" in capsys.readouterr().out
 
 
-def test_missing_attack_module_is_a_plain_message(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "scratchnet.attacks.command", None)   # makes the import fail
-    status, _, err = run(capsys, "attack", "model.npz", "--attack", "fgsm")
-    assert_one_line_error(status, err, "attack command is not available", "scratchnet.attacks.command")
+def test_top_level_help_states_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for code, meaning in ((1, "the command failed"), (2, "a usage error"), (130, "interrupted")):
+        assert f"{code} {meaning}" in out, out
+
+
+@pytest.mark.parametrize("argv", [["train", "--recipe", "standard", "--epochs", "0"],
+                                  ["evaluate", "m.npz", "--T", "0"],
+                                  ["attack", "m.npz", "--n", "-3"],
+                                  ["attack", "m.npz", "--attack", "jsma", "--wrt", "loss"]])
+def test_a_usage_error_exits_2_for_every_command(capsys, tmp_path, argv):
+    argv = [str(tmp_path / a) if a == "m.npz" else a for a in argv]
+    status, _, err = run(capsys, *argv)
+    assert status == cli.EXIT_USAGE == 2
+    assert_one_line_error(status, err, f"scratchnet {argv[0]}")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "attack"])
+def test_an_unreadable_model_exits_1_for_every_command(capsys, tmp_path, command):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a model")
+    status, _, err = run(capsys, command, str(garbage))
+    assert status == cli.EXIT_RUNTIME == 1
+    assert_one_line_error(status, err, f"scratchnet {command}: error:", "garbage.npz")
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    from scratchnet.cli import evaluate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "run", interrupted)
+    status, _, err = run(capsys, "evaluate", "m.npz")
+    assert status == cli.EXIT_INTERRUPTED == 130
+    assert err.strip() == "scratchnet evaluate: interrupted"
 
 
 # ===== a tiny real run =====

@@ -17,14 +17,12 @@ import pytest
 
 from conftest import mnist_dir, needs_mnist
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXPERIMENTS = os.path.normpath(os.path.join(HERE, "..", "experiments"))
-sys.path.insert(0, EXPERIMENTS)
+from scratchnet.study import attack_vs_T, grad_vs_T, saturation
+from scratchnet.study import distillation as distillation_vs_temperature
 
-import attack_vs_T  # noqa: E402  (the scripts' documented columns)
-import distillation_vs_temperature  # noqa: E402
-import grad_vs_T  # noqa: E402
-import saturation  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, ".."))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
 
 TINY = ["--T", "1", "30", "--architecture", "small", "--train-size", "4000", "--epochs", "3", "--no-progress"]
 
@@ -32,7 +30,9 @@ pytestmark = needs_mnist
 
 
 def run(script, args, cwd, env_extra=None):
-    env = dict(os.environ, SCRATCHNET_DATA=mnist_dir(), **(env_extra or {}))
+    # the scripts import the scratchnet of this checkout, whatever is installed
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, SCRATCHNET_DATA=mnist_dir(), PYTHONPATH=path, **(env_extra or {}))
     return subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -180,6 +180,18 @@ def test_unreadable_data(script, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_scripts_are_thin_and_never_import_each_other():
+    """Each script only runs its study's main(); the logic lives in scratchnet.study."""
+    import ast
+    for f in SCRIPTS:
+        with open(os.path.join(EXPERIMENTS, f)) as fh:
+            tree = ast.parse(fh.read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert imported == {"scratchnet"}, (f, imported)
+        assert len(tree.body) <= 4, f"{f} holds logic; it belongs in scratchnet/study"
 
 
 def test_wilson_interval_edges():

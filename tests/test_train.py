@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from scratchnet import cache as C
-from scratchnet import train as R
+from scratchnet import checkpoint as CK
+from scratchnet import recipes
+from scratchnet import training
 from scratchnet.data import MNIST, load_mnist
 from scratchnet.layers import Dense, Flatten
 from scratchnet.model import Sequential, load
@@ -42,8 +44,8 @@ def trained(small):
     """The small network trained for a short run at T = 1 and at T = 20 (same seed)."""
     models = {}
     for T in (1.0, 20.0):
-        model = R.build_model("small", seed=0)
-        R.train(model, small.train_x, small.train_y, T=T, seed=0, **SHORT)
+        model = recipes.build_model("small", seed=0)
+        training.train(model, small.train_x, small.train_y, T=T, seed=0, **SHORT)
         models[T] = model
     return models
 
@@ -51,7 +53,7 @@ def trained(small):
 # ===== schedule and loss =====
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
-    lrs = [R.learning_rate(s, 100, 1.0, 10) for s in range(100)]
+    lrs = [training.learning_rate(s, 100, 1.0, 10) for s in range(100)]
     np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))          # decays monotonically
     assert lrs[10] == 1.0 and lrs[-1] < 1e-3
@@ -82,13 +84,13 @@ def test_training_step_uses_softmax_of_z_over_T():
         return -lr * T * x.reshape(2, 4).T @ dz
 
     m = model()
-    R.train(m, x, y, T=T, epochs=1, batch_size=2, optimizer="sgd", lr=lr, warmup_steps=1, progress=False)
+    training.train(m, x, y, T=T, epochs=1, batch_size=2, optimizer="sgd", lr=lr, warmup_steps=1, progress=False)
     update = m["dense.W"] - W
     np.testing.assert_allclose(update, expected_update(T), rtol=1e-12)
     assert not np.allclose(update, expected_update(1.0), rtol=1e-3)
 
     # and the loss value itself is the cross-entropy of softmax(z / T)
-    loss, _ = R.softmax_cross_entropy(z, y, T)
+    loss, _ = training.softmax_cross_entropy(z, y, T)
     s = z / T
     by_hand = -np.mean(s[np.arange(2), y] - np.log(np.exp(s).sum(1)))
     assert math.isclose(loss, by_hand, rel_tol=1e-12)
@@ -97,28 +99,28 @@ def test_training_step_uses_softmax_of_z_over_T():
 # ===== short runs =====
 
 def test_short_run_reaches_the_stated_accuracy(trained, small):
-    acc = R.accuracy(trained[1.0], small.test_x, small.test_y)
+    acc = training.accuracy(trained[1.0], small.test_x, small.test_y)
     assert acc >= SHORT_RUN_MIN_ACCURACY, f"short T = 1 run: test accuracy {acc:.3f}"
 
 
 def test_temperature_run_learns_logit_margins_several_times_larger(trained, small):
     """Trained at T = 20, the network makes softmax(z / 20) confident, so its logits
     (and their margins) grow far beyond a T = 1 network's; at T = 1 it saturates."""
-    z1 = R.logits_in_batches(trained[1.0], small.test_x)
-    z20 = R.logits_in_batches(trained[20.0], small.test_x)
-    m1, m20 = R.logit_margins(z1).mean(), R.logit_margins(z20).mean()
+    z1 = training.logits_in_batches(trained[1.0], small.test_x)
+    z20 = training.logits_in_batches(trained[20.0], small.test_x)
+    m1, m20 = training.logit_margins(z1).mean(), training.logit_margins(z20).mean()
     assert m20 >= MARGIN_FACTOR_T20 * m1, f"margin T=20 {m20:.2f} vs T=1 {m1:.2f}"
-    sat1 = R.evaluate(trained[1.0], small.test_x, small.test_y)["saturated_fraction"]
-    sat20 = R.evaluate(trained[20.0], small.test_x, small.test_y)["saturated_fraction"]
+    sat1 = training.evaluate(trained[1.0], small.test_x, small.test_y)["saturated_fraction"]
+    sat20 = training.evaluate(trained[20.0], small.test_x, small.test_y)["saturated_fraction"]
     assert sat20 > 0.3 and sat20 > sat1 + 0.3, (sat1, sat20)
-    assert R.accuracy(trained[20.0], small.test_x, small.test_y) >= 0.8
+    assert training.accuracy(trained[20.0], small.test_x, small.test_y) >= 0.8
 
 
 def test_distillation_targets_are_the_teachers_probabilities_at_T(trained, small):
     teacher, T = trained[20.0], 20.0
     x = small.train_x[:300]
-    targets = R.distillation_targets(teacher, x, T)
-    z = R.logits_in_batches(teacher, x).astype(np.float64)
+    targets = recipes.distillation_targets(teacher, x, T)
+    z = training.logits_in_batches(teacher, x).astype(np.float64)
     s = z / T
     by_hand = np.exp(s - s.max(1, keepdims=True))
     by_hand /= by_hand.sum(1, keepdims=True)
@@ -130,19 +132,19 @@ def test_distillation_targets_are_the_teachers_probabilities_at_T(trained, small
 
 def test_distilled_recipe_trains_the_student_at_T_on_those_targets(trained, small, monkeypatch):
     calls = []
-    real_train = R.train
+    real_train = training.train
 
     def recording_train(model, x, y, T=1.0, **kw):
         calls.append((x, y, T))
         return real_train(model, x, y, T=T, **kw)
 
-    monkeypatch.setattr(R, "train", recording_train)
+    monkeypatch.setattr(training, "train", recording_train)
     teacher = trained[20.0]
-    student, meta = R.train_distilled(small, 20.0, teacher, seed=0, epochs=1, architecture="small",
+    student, meta = recipes.train_distilled(small, 20.0, teacher, seed=0, epochs=1, architecture="small",
                                       train_size=500, progress=False, lr=1e-2)
     (x, y, T), = calls
     assert T == 20.0 and y.shape == (500, 10)
-    np.testing.assert_array_equal(y, R.distillation_targets(teacher, small.train_x[:500], 20.0))
+    np.testing.assert_array_equal(y, recipes.distillation_targets(teacher, small.train_x[:500], 20.0))
     assert meta["recipe"] == "distilled" and meta["T"] == 20.0 and meta["deploy_T"] == 1.0
     assert student is not teacher
 
@@ -150,8 +152,8 @@ def test_distilled_recipe_trains_the_student_at_T_on_those_targets(trained, smal
 # ===== reproducibility and resuming =====
 
 def _one_epoch_model(small, seed, **kw):
-    model = R.build_model("small", seed=seed)
-    R.train(model, small.train_x[:1000], small.train_y[:1000], T=2.0, seed=seed, epochs=1,
+    model = recipes.build_model("small", seed=seed)
+    training.train(model, small.train_x[:1000], small.train_y[:1000], T=2.0, seed=seed, epochs=1,
             lr=1e-2, progress=False, **kw)
     return model
 
@@ -166,22 +168,22 @@ def test_same_seed_gives_the_same_weights(small):
 def test_interrupted_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
     x, y = small.train_x[:1000], small.train_y[:1000]
     settings = dict(T=2.0, seed=3, epochs=2, lr=1e-2, progress=False)
-    straight = R.build_model("small", seed=3)
-    R.train(straight, x, y, **settings)
+    straight = recipes.build_model("small", seed=3)
+    training.train(straight, x, y, **settings)
 
     checkpoint = str(tmp_path / "run.ckpt.npz")
-    real_save = R.save_checkpoint
+    real_save = CK.save_checkpoint
 
     def save_then_die(path, model, opt, epoch, history, s):
         real_save(path, model, opt, epoch, history, s)
         raise KeyboardInterrupt                              # killed right after epoch 1
-    monkeypatch.setattr(R, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(CK, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        R.train(R.build_model("small", seed=3), x, y, checkpoint=checkpoint, **settings)
-    monkeypatch.setattr(R, "save_checkpoint", real_save)
+        training.train(recipes.build_model("small", seed=3), x, y, checkpoint=checkpoint, **settings)
+    monkeypatch.setattr(CK, "save_checkpoint", real_save)
 
-    resumed = R.build_model("small", seed=3)
-    history = R.train(resumed, x, y, checkpoint=checkpoint, **settings)
+    resumed = recipes.build_model("small", seed=3)
+    history = training.train(resumed, x, y, checkpoint=checkpoint, **settings)
     assert [h["epoch"] for h in history] == [1, 2]
     for name in straight.params:
         np.testing.assert_array_equal(resumed.params[name], straight.params[name])
@@ -190,34 +192,34 @@ def test_interrupted_run_resumes_to_the_same_weights(small, tmp_path, monkeypatc
 def test_checkpoint_from_other_settings_is_ignored(small, tmp_path):
     x, y = small.train_x[:500], small.train_y[:500]
     checkpoint = str(tmp_path / "c.npz")
-    R.train(R.build_model("small", 0), x, y, T=1.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
-    fresh = R.build_model("small", 0)
-    history = R.train(fresh, x, y, T=5.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
+    training.train(recipes.build_model("small", 0), x, y, T=1.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
+    fresh = recipes.build_model("small", 0)
+    history = training.train(fresh, x, y, T=5.0, epochs=1, lr=1e-2, progress=False, checkpoint=checkpoint)
     assert [h["epoch"] for h in history] == [1]                 # trained, not resumed
-    reference = R.build_model("small", 0)
-    R.train(reference, x, y, T=5.0, epochs=1, lr=1e-2, progress=False)
+    reference = recipes.build_model("small", 0)
+    training.train(reference, x, y, T=5.0, epochs=1, lr=1e-2, progress=False)
     np.testing.assert_array_equal(fresh["dense2.W"], reference["dense2.W"])
 
 
 def test_sgd_with_learning_rate_scaled_by_T_learns_at_T_20(small):
-    model = R.build_model("small", seed=0)
-    R.train(model, small.train_x[:2000], small.train_y[:2000], T=20.0, epochs=2, optimizer="sgd",
+    model = recipes.build_model("small", seed=0)
+    training.train(model, small.train_x[:2000], small.train_y[:2000], T=20.0, epochs=2, optimizer="sgd",
             lr=0.05, progress=False)
     # measured 0.77 after these 2 epochs; unscaled SGD at this rate would see steps 20 times smaller
-    assert R.accuracy(model, small.test_x[:1000], small.test_y[:1000]) >= 0.7
+    assert training.accuracy(model, small.test_x[:1000], small.test_y[:1000]) >= 0.7
 
 
 def test_bad_training_arguments_are_value_errors(small):
-    model = R.build_model("small", 0)
+    model = recipes.build_model("small", 0)
     x, y = small.train_x[:10], small.train_y[:10]
     with pytest.raises(ValueError, match="T must be"):
-        R.train(model, x, y, T=0.0, progress=False)
+        training.train(model, x, y, T=0.0, progress=False)
     with pytest.raises(ValueError, match="same length"):
-        R.train(model, x, y[:5], progress=False)
+        training.train(model, x, y[:5], progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        R.train(model, x, y, optimizer="rmsprop", progress=False)
+        training.train(model, x, y, optimizer="rmsprop", progress=False)
     with pytest.raises(ValueError, match="unknown architecture"):
-        R.build_model("resnet")
+        recipes.build_model("resnet")
 
 
 # ===== the cache =====
@@ -244,7 +246,7 @@ def test_cache_trains_once_then_loads_and_force_retrains(small, tmp_path, monkey
 
     def no_training(*args, **kw):
         raise AssertionError("the cached model should have been reused")
-    monkeypatch.setattr(R, "train", no_training)
+    monkeypatch.setattr(training, "train", no_training)
     again, meta2 = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
     np.testing.assert_array_equal(again["dense2.W"], model["dense2.W"])
     with pytest.raises(AssertionError, match="reused"):
@@ -274,7 +276,7 @@ def test_distilled_fetches_its_teacher_through_the_cache(small, tmp_path, monkey
 
     def no_training(*args, **kw):
         raise AssertionError("the teacher should come from the cache")
-    monkeypatch.setattr(R, "train", no_training)
+    monkeypatch.setattr(training, "train", no_training)
     teacher, teacher_meta = C.get_model("temperature", 5.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
     assert teacher_meta["recipe"] == "temperature" and teacher_meta["T"] == 5.0
 
@@ -286,7 +288,7 @@ def test_nan_loss_stops_training_and_keeps_the_good_cached_model(small, tmp_path
     poisoned = MNIST(data.train_x.copy(), data.train_y, data.val_x, data.val_y, data.test_x, data.test_y,
                      data.data_dir, data.validation_seed)
     poisoned.train_x[:] = np.nan
-    with pytest.raises(R.TrainingDivergedError, match=r"loss became nan at epoch 1, batch 1"):
+    with pytest.raises(training.TrainingDivergedError, match=r"loss became nan at epoch 1, batch 1"):
         C.get_model("temperature", 2.0, seed=0, data=poisoned, cache_dir=tmp_path, force=True, **TINY)
     assert open(meta["path"], "rb").read() == before
     assert os.listdir(tmp_path) == [os.path.basename(meta["path"])]
@@ -318,3 +320,42 @@ def test_recipe_without_validation_images_records_none(small, tmp_path):
     model, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
     assert meta["val_accuracy"] is None and "val_accuracy" not in meta["history"][0]
     assert meta["test_accuracy"] > 0.1
+
+
+def test_opening_the_cache_removes_a_killed_saves_temporary_and_never_reads_it(small, tmp_path, monkeypatch):
+    from scratchnet import files
+    data = _tiny(small)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    stale = tmp_path / ".tmp-k1ll3d.npz"                 # what a save killed before its rename leaves
+    stale.write_bytes(b"half a model")
+    old = files.PROCESS_START - 3600
+    os.utime(stale, (old, old))
+    read = []
+    real_load = C.load
+    monkeypatch.setattr(C, "load", lambda path, **kw: read.append(os.path.basename(path)) or real_load(path, **kw))
+    C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert read == [os.path.basename(meta["path"])]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(meta["path"])]
+
+
+def test_the_training_version_is_in_the_key_and_an_older_entry_is_retrained(small, tmp_path, monkeypatch):
+    settings = {"architecture": "small", "batch_size": 128, "optimizer": "adam", "lr": None,
+                "warmup_steps": None, "train_size": None, "validation": 5000, "validation_seed": 0}
+    key = C.model_key("standard", 1, 0, 5, settings)
+    monkeypatch.setattr(recipes, "TRAINING_VERSION", recipes.TRAINING_VERSION + 1)
+    assert C.model_key("standard", 1, 0, 5, settings) != key
+    monkeypatch.undo()
+
+    data = _tiny(small)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert meta["training_version"] == recipes.TRAINING_VERSION
+    # an entry under the current name whose metadata says an older training code made it
+    model, saved = load(meta["path"])
+    saved["training_version"] = recipes.TRAINING_VERSION - 1
+    saved["marker"] = "old"
+    from scratchnet.model import save
+    save(model, meta["path"], saved)
+    with pytest.warns(UserWarning, match="training version"):
+        _, again = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert "marker" not in again and again["training_version"] == recipes.TRAINING_VERSION
+    assert "marker" not in load(meta["path"])[1]

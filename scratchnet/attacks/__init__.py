@@ -1,11 +1,13 @@
 """Adversarial attacks, and the input gradients and diagnostics they rest on.
 
-* ``gradients``: every quantity an attack differentiates (loss, probabilities
-  at T, logits), by explicit backprop; true magnitudes in log space.
+* ``sources``: every quantity an attack differentiates (loss, probabilities
+  at T, logits), by explicit backprop;
+* ``magnitudes``: the true size of those gradients, in log space.
 * ``diagnostics``: why a gradient vanished, image by image (p == 1.0, exact
   zeros, the logit margin and the suppression it predicts).
 * ``fgsm``, ``pgd``, ``jsma``, ``cw``: the attacks, batched, pixels in [0, 1].
-* ``command``: the ``scratchnet attack`` command line.
+
+The ``scratchnet attack`` command line is ``scratchnet/cli/attack.py``.
 
 Every attack takes ``wrt=`` ("probs" | "logits" | "loss") and ``T=``: point it
 at the saturated softmax (what Papernot et al. measured) or at the logits /
@@ -15,9 +17,7 @@ from .common import AttackResult, distortions
 from .cw import cw_l2
 from .diagnostics import gradient_diagnostics, summarize, summarize_by_correctness, compare_suppression
 from .fgsm import fgsm
-from .gradients import (attack_gradient, jacobian, log10_loss_grad_norms, log10_probs_jacobian_norms,
-                        loss_gradient, objective_gradient, vjps)
+from .magnitudes import log10_loss_grad_norms, log10_probs_jacobian_norms
+from .sources import attack_gradient, jacobian, loss_gradient, objective_gradient, vjps
 from .jsma import jsma
 from .pgd import pgd
-
-ATTACKS = {"fgsm": fgsm, "pgd": pgd, "jsma": jsma, "cw": cw_l2}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import get_array_module, to_numpy
+from ..losses import check_labels
 
 # A pixel counts as changed (L0) when it moved by more than half a grey level
 # of an 8-bit image: C&W's tanh change of variables moves untouched pixels by
@@ -37,7 +38,7 @@ def prepare(model, x, labels, targets=None):
         raise ValueError(f"pixels must lie in [0, 1], got values in [{float(x_np.min())}, {float(x_np.max())}]")
     N = x.shape[0]
     x = xp.asarray(x_np, dtype=model.dtype)
-    K = int(model.logits(x[:1]).shape[1]) if N else 0
+    K = model.n_classes
     labels = _as_classes(labels, N, K, "labels")
     if targets is not None:
         targets = _as_classes(targets, N, K, "targets")
@@ -48,14 +49,8 @@ def prepare(model, x, labels, targets=None):
 
 
 def _as_classes(c, N, K, what):
-    c = to_numpy(np.asarray(c) if isinstance(c, (list, tuple)) else c)
-    if c.ndim != 1 or c.shape[0] != N:
-        raise ValueError(f"{what} must have shape ({N},), got {tuple(c.shape)}")
-    if c.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integer class indices, got dtype {c.dtype}")
-    if N and (c.min() < 0 or c.max() >= K):
-        raise ValueError(f"{what} must lie in [0, {K - 1}], got values in [{int(c.min())}, {int(c.max())}]")
-    return c.astype(np.int64)
+    """Class indices (N,) as a NumPy int64 array, checked by ``losses.check_labels``."""
+    return check_labels(to_numpy(np.asarray(c) if isinstance(c, (list, tuple)) else c), N, K, what).astype(np.int64)
 
 
 def batches(N, batch_size):

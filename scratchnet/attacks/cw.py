@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from .. import functional as F
 from ..backend import get_array_module, to_numpy
 from .common import batches, make_result, prepare
-from .gradients import check_T, check_wrt, objective_gradient, one_hot, probs_dlogits
+from ..functional import check_T
+from ..losses import one_hot
+from .sources import check_wrt, objective_gradient, probs_dlogits
 
 BIG = 1e10          # "no upper bound on c found yet"
 

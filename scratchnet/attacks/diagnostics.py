@@ -6,7 +6,7 @@ For each image, ``gradient_diagnostics`` measures the input gradient twice:
   its L1 / L2 / Linf norms, the fraction of entries that are *exactly* zero,
   whether the whole gradient is zero, and whether the top probability is
   exactly 1.0 (the softmax saturated);
-* **its true size** (float64 and log space, see ``gradients``): magnitudes far
+* **its true size** (float64 and log space, see ``magnitudes``): magnitudes far
   below what float32 (about 1e-45) or even float64 (about 1e-308) can hold.
 
 Beside them it reports *why*: the logit margin M (top minus runner-up, of the
@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from .. import functional as F
 from ..backend import to_numpy
+from ..functional import check_T, log_one_minus_p, logit_margins
 from .common import batches
-from .gradients import (LN10, check_T, float64_copy, jacobian, log10_loss_grad_norms,
-                        log10_probs_jacobian_norms, loss_gradient)
+from .magnitudes import LN10, float64_copy, log10_loss_grad_norms, log10_probs_jacobian_norms
+from .sources import jacobian, loss_gradient
 
 
 def _norms(g):
@@ -96,15 +97,10 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
         for k in ("l1", "l2", "linf"):
             out[f"loss_log10_{k}"] = to_numpy(true[k])
         out["loss_log10_factor"] = to_numpy(true["log10_factor"])
-        s = to_numpy(true["logits"]) / T                        # the temperature
-        top2 = np.sort(s, axis=1)[:, -2:]
-        out["margin"] = top2[:, 1] - top2[:, 0]
-        logp = s - s.max(axis=1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        top = logp.argmax(axis=1)
-        rest = np.where(np.arange(logp.shape[1]) == top[:, None], -np.inf, logp)
-        mx = rest.max(axis=1, keepdims=True)
-        out["log10_factor_measured"] = ((mx[:, 0] + np.log(np.exp(rest - mx).sum(axis=1))) / LN10)
+        z64 = to_numpy(true["logits"])
+        out["margin"] = logit_margins(z64 / T)                  # the margin of z / T: the temperature
+        logp = F.log_softmax(z64, T)
+        out["log10_factor_measured"] = log_one_minus_p(logp, logp.argmax(axis=1)) / LN10
         if probs:
             tj = log10_probs_jacobian_norms(model64, xb, T)
             for k in ("l1", "l2", "linf"):

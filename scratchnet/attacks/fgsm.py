@@ -5,7 +5,7 @@ One step of size eps along the sign of the input gradient::
     untargeted:  x_adv = clip(x + eps * sign(grad_x objective(x, y)), 0, 1)
     targeted:    x_adv = clip(x + eps * sign(grad_x objective(x, t)), 0, 1)
 
-where the objective is the one ``gradients.attack_dlogits`` tabulates for
+where the objective is the one ``sources.attack_dlogits`` tabulates for
 ``wrt`` (it is increased; for ``wrt="loss"`` the targeted objective is minus
 the target's cross-entropy). The default, ``wrt="loss", T=1``, is the paper's:
 the cross-entropy of the deployed softmax.
@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .common import batches, make_result, prepare
-from .gradients import attack_gradient, check_T, check_wrt
+from ..functional import check_T
+from .sources import attack_gradient, check_wrt
 
 
 def fgsm(model, x, labels, eps, targets=None, wrt="loss", T=1.0, batch_size=100, progress=False):

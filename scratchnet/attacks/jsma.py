@@ -44,7 +44,9 @@ from tqdm.auto import tqdm
 
 from ..backend import get_array_module, to_numpy
 from .common import batches, make_result, prepare
-from .gradients import check_T, check_wrt, one_hot, vjps
+from ..functional import check_T
+from ..losses import one_hot
+from .sources import check_wrt, vjps
 
 DEFAULT_PAIR_CHUNK = 8
 
@@ -146,7 +148,7 @@ def jsma(model, x, labels, targets, wrt="probs", T=1.0, theta=1.0, max_distortio
     pred_before = xp.asarray(model.predict(x))
     iterations = np.zeros(N, dtype=np.int64)
     empty = np.zeros(N, dtype=bool)
-    K = int(model.logits(x[:1]).shape[1])                  # number of classes
+    K = model.n_classes                                    # number of classes
     with tqdm(total=N, desc="JSMA", disable=not progress) as bar:
         for sl in batches(N, batch_size):
             idx = np.arange(sl.start, sl.stop)

@@ -7,7 +7,7 @@ gradient descent (PGD, the same with a random start)::
     x_{k+1} = project(x_k + step * sign(grad_x objective(x_k)))
 
 ``project`` clips to the box [x - eps, x + eps] and to [0, 1]. The objective
-is the one ``gradients.attack_dlogits`` tabulates for ``wrt``; the default is
+is the one ``sources.attack_dlogits`` tabulates for ``wrt``; the default is
 the loss at T = 1, as in the papers. An image stops moving as soon as the
 attack succeeds on it, so ``iterations`` is the number of steps it needed.
 """
@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..backend import to_numpy
 from .common import batches, make_result, prepare
-from .gradients import attack_gradient, check_T, check_wrt
+from ..functional import check_T
+from .sources import attack_gradient, check_wrt
 
 
 def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=1.0,

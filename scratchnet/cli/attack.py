@@ -8,18 +8,23 @@ Examples::
     python -m scratchnet attack model_T100.npz --attack jsma --wrt logits
     python -m scratchnet attack model_T100.npz --attack fgsm --wrt loss --T train --eps 0.2
 
+Where to read on: the attacks are ``scratchnet/attacks/`` (``jsma.py`` and
+the gradient sources it differentiates, ``sources.py``), the diagnostics
+``scratchnet/attacks/diagnostics.py``.
+
 It prints the success rate (over the images the model classified correctly,
 with the denominator), the mean distortions of the successful attacks and the
 gradient diagnostics (saturation, exact zeros, logit margin, predicted and true
 suppression), and on request writes the adversarial images (.npz), a JSON
 record and a PNG grid of originals, perturbations and adversarial images.
 """
-import json
-import math
+import argparse
 import os
-import sys
 
 import numpy as np
+
+from . import (UsageError, data_options, device_option, fraction, nonnegative_float, nonnegative_int,
+               output_file, positive_float, positive_int)
 
 DEFAULT_WRT = {"fgsm": "loss", "pgd": "loss", "jsma": "probs", "cw": "logits"}
 ALLOWED_WRT = {"fgsm": ("probs", "logits", "loss"), "pgd": ("probs", "logits", "loss"),
@@ -27,8 +32,11 @@ ALLOWED_WRT = {"fgsm": ("probs", "logits", "loss"), "pgd": ("probs", "logits", "
 DEFAULT_TARGET = {"fgsm": "none", "pgd": "none", "jsma": "random", "cw": "none"}
 
 
-def add_arguments(parser):
-    """Add the ``attack`` command's options to an argparse (sub)parser."""
+def add_parser(sub):
+    """Register ``attack`` and its options."""
+    parser = sub.add_parser("attack", help="craft adversarial examples against a saved model",
+                            description="Craft adversarial examples against a saved model, and measure "
+                                        "why the gradient they follow vanishes or not.")
     parser.add_argument("model", metavar="MODEL.npz", help="a model saved by scratchnet")
     parser.add_argument("--attack", choices=("fgsm", "pgd", "jsma", "cw"), default="fgsm",
                         help="the attack (default fgsm)")
@@ -36,61 +44,63 @@ def add_arguments(parser):
                         help="what the attack differentiates: probabilities softmax(z/T), logits, or the "
                              "cross-entropy at T (default as in the original papers: fgsm/pgd loss, "
                              "jsma probs, cw logits)")
-    parser.add_argument("--T", default="1", metavar="T",
+    parser.add_argument("--T", type=temperature_or_train, default=1.0, metavar="T",
                         help="softmax temperature of the differentiated output: a number (1 = as deployed), "
                              "or 'train' for the model's training temperature (Carlini-Wagner's rescaling)")
-    parser.add_argument("--eps", type=float, default=0.1, help="fgsm/pgd: L-infinity budget (default 0.1)")
-    parser.add_argument("--step", type=float, default=None, help="pgd: step size (default eps/4)")
-    parser.add_argument("--steps", type=int, default=10, help="pgd: number of steps (default 10)")
+    parser.add_argument("--eps", type=nonnegative_float, default=0.1, help="fgsm/pgd: L-infinity budget (default 0.1)")
+    parser.add_argument("--step", type=positive_float, default=None, help="pgd: step size (default eps/4)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="pgd: number of steps (default 10)")
     parser.add_argument("--random-start", action="store_true", help="pgd: start at a random point of the eps-ball")
     parser.add_argument("--target", default=None,
                         help="none (untargeted), next (label+1), random, all (the 9 other classes per image), "
                              "or a class 0-9 (default: random for jsma, none otherwise)")
-    parser.add_argument("--max-distortion", type=float, default=0.145,
+    parser.add_argument("--max-distortion", type=fraction, default=0.145,
                         help="jsma: the most pixels changed, as a fraction (default 0.145)")
-    parser.add_argument("--pair-chunk", type=int, default=8,
+    parser.add_argument("--pair-chunk", type=positive_int, default=8,
                         help="jsma: images whose pixel-pair tables exist at once (memory cap, default 8)")
-    parser.add_argument("--kappa", type=float, default=0.0, help="cw: confidence (default 0)")
-    parser.add_argument("--c", type=float, default=0.1, help="cw: initial trade-off constant (default 0.1)")
-    parser.add_argument("--binary-steps", type=int, default=5, help="cw: binary-search rounds over c (default 5)")
-    parser.add_argument("--cw-steps", type=int, default=100, help="cw: Adam steps per round (default 100)")
-    parser.add_argument("--lr", type=float, default=0.05, help="cw: Adam learning rate (default 0.05)")
-    parser.add_argument("--n", type=int, default=100, help="number of test images (default 100)")
-    parser.add_argument("--offset", type=int, default=0, help="index of the first test image (default 0)")
+    parser.add_argument("--kappa", type=nonnegative_float, default=0.0, help="cw: confidence (default 0)")
+    parser.add_argument("--c", type=positive_float, default=0.1, help="cw: initial trade-off constant (default 0.1)")
+    parser.add_argument("--binary-steps", type=positive_int, default=5, help="cw: binary-search rounds over c (default 5)")
+    parser.add_argument("--cw-steps", type=positive_int, default=100, help="cw: Adam steps per round (default 100)")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="cw: Adam learning rate (default 0.05)")
+    parser.add_argument("--n", type=positive_int, default=100, help="number of test images (default 100)")
+    parser.add_argument("--offset", type=nonnegative_int, default=0, help="index of the first test image (default 0)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which images (default test)")
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST files")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per pass (default 100)")
+    data_options(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per pass (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="for random targets and pgd's random start")
-    parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default=None,
-                        help="where to run (default $SCRATCHNET_DEVICE or auto)")
+    device_option(parser, "run")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the gradient diagnostics")
-    parser.add_argument("--save", metavar="ADV.npz", default=None,
+    parser.add_argument("--save", metavar="ADV.npz", type=output_file, default=None,
                         help="write the original and adversarial images, labels, targets and predictions")
-    parser.add_argument("--json", metavar="RECORD.json", default=None, help="write the full record as JSON")
-    parser.add_argument("--png", metavar="GRID.png", default=None,
+    parser.add_argument("--json", metavar="RECORD.json", type=output_file, default=None, help="write the full record as JSON")
+    parser.add_argument("--png", metavar="GRID.png", type=output_file, default=None,
                         help="write a grid of originals, perturbations and adversarial images")
+    parser.set_defaults(run=run)
     return parser
 
 
-class CommandError(ValueError):
-    """A bad argument: reported as one line on stderr."""
+def temperature_or_train(text):
+    """argparse type for ``--T``: a finite number > 0, or "train" (the model's training T)."""
+    if str(text).lower() == "train":
+        return "train"
+    try:
+        return positive_float(text)
+    except Exception:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'train', got {text!r}") from None
 
 
 def _check(cond, message):
     if not cond:
-        raise CommandError(message)
+        raise UsageError(message)
 
 
-def _resolve_T(text, metadata):
-    if str(text).lower() == "train":
-        _check("T" in metadata, "--T train: the model file records no training temperature; give a number")
-        return float(metadata["T"])
-    try:
-        T = float(text)
-    except ValueError:
-        raise CommandError(f"--T must be a positive number or 'train', got {text!r}") from None
-    _check(T > 0 and math.isfinite(T), f"--T must be a positive number, got {text}")
-    return T
+def _resolve_T(T, metadata):
+    """The number ``--T`` stands for: itself, or the training T recorded in the model file."""
+    if T != "train":
+        return T
+    _check("T" in metadata, "--T train: the model file records no training temperature; give a number")
+    return float(metadata["T"])
 
 
 def make_targets(labels, mode, K=10, seed=0):
@@ -117,36 +127,20 @@ def make_targets(labels, mode, K=10, seed=0):
     try:
         cls = int(mode)
     except ValueError:
-        raise CommandError(f"--target must be none, next, random, all or a class 0-{K - 1}, got {mode!r}") from None
+        raise UsageError(f"--target must be none, next, random, all or a class 0-{K - 1}, got {mode!r}") from None
     _check(0 <= cls < K, f"--target class must be in 0-{K - 1}, got {cls}")
     index = np.flatnonzero(labels != cls)                  # an image of class cls has nothing to reach
     return index, np.full(len(index), cls)
 
 
 def _validate(args):
-    _check(args.n >= 1, f"--n must be >= 1, got {args.n}")
-    _check(args.offset >= 0, f"--offset must be >= 0, got {args.offset}")
-    _check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    _check(args.eps >= 0 and math.isfinite(args.eps), f"--eps must be a number >= 0, got {args.eps}")
-    _check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    _check(args.step is None or args.step > 0, f"--step must be > 0, got {args.step}")
-    _check(0 < args.max_distortion <= 1, f"--max-distortion must be a fraction in (0, 1], got {args.max_distortion}")
-    _check(args.pair_chunk >= 1, f"--pair-chunk must be >= 1, got {args.pair_chunk}")
-    _check(args.kappa >= 0, f"--kappa must be >= 0, got {args.kappa}")
-    _check(args.c > 0, f"--c must be > 0, got {args.c}")
-    _check(args.binary_steps >= 1, f"--binary-steps must be >= 1, got {args.binary_steps}")
-    _check(args.cw_steps >= 1, f"--cw-steps must be >= 1, got {args.cw_steps}")
-    _check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    """The checks that need more than one option; single values were checked while parsing."""
     wrt = args.wrt or DEFAULT_WRT[args.attack]
     _check(wrt in ALLOWED_WRT[args.attack],
            f"--attack {args.attack} differentiates {' or '.join(ALLOWED_WRT[args.attack])}, not --wrt {wrt}")
     target = (args.target or DEFAULT_TARGET[args.attack]).lower()
     _check(not (args.attack == "jsma" and target == "none"),
            "--attack jsma is targeted: use --target next, random, all or a class")
-    for path in (args.save, args.json, args.png):
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            _check(os.path.isdir(folder), f"output folder does not exist: {folder}")
     return wrt, target
 
 
@@ -164,10 +158,10 @@ def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_
                   (delta, "seismic", -lim, lim, f"|d|max {lim:.2f}"),
                   (x_adv[i, 0], "gray", 0, 1,
                    f"pred {pred_after[i]}" + ("" if targets is None else f"\ntarget {targets[i]}")))
-        for row, (img, cmap, lo, hi, title) in enumerate(panels):
+        for row, (img, cmap, lo, hi, caption) in enumerate(panels):
             ax = axes[row, i]
             ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
-            ax.set_title(title, fontsize=7)
+            ax.set_title(caption, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     for row, name in enumerate(("original", "perturbation", "adversarial")):
@@ -175,43 +169,30 @@ def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ..files import atomic_write
+    with atomic_write(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
-def to_jsonable(o):
-    """Plain Python for json.dump: arrays become lists, and NaN / +-inf (a log10 of an
-    exactly zero gradient, a rate over no images) become null, which JSON can hold."""
-    if isinstance(o, dict):
-        return {str(k): to_jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [to_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return to_jsonable(o.tolist())
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
-
-
-def _execute(args):
+def run(args):
+    """Run the attack command (errors and exit codes: ``scratchnet.cli``)."""
+    from ..attacks import cw_l2, fgsm, jsma, pgd
+    from ..attacks.diagnostics import gradient_diagnostics, report_lines, summarize_by_correctness
     from ..backend import resolve_device
     from ..data import load_mnist
+    from ..files import atomic_write, write_json
     from ..model import load
-    from . import cw_l2, fgsm, jsma, pgd
-    from .diagnostics import gradient_diagnostics, report_lines, summarize_by_correctness
 
     wrt, target_mode = _validate(args)
     device = resolve_device(args.device)
     model, metadata = load(args.model, device=device)
     T = _resolve_T(args.T, metadata)
-    data = load_mnist(args.data_dir, progress=False)
+    data = load_mnist(args.data_dir, download=not args.no_download, progress=False)
     xs, ys = (data.test_x, data.test_y) if args.split == "test" else (data.val_x, data.val_y)
     _check(args.offset < len(xs), f"--offset {args.offset} is past the {len(xs)} {args.split} images")
     x, labels = xs[args.offset:args.offset + args.n], ys[args.offset:args.offset + args.n].astype(np.int64)
-    K = int(model.logits(model.xp.asarray(x[:1])).shape[1])
-    index, targets = make_targets(labels, target_mode, K, args.seed)
+    index, targets = make_targets(labels, target_mode, model.n_classes, args.seed)
     _check(len(index) > 0, "no image left to attack (every image already has the target class)")
     xa, ya = x[index], labels[index]
 
@@ -259,13 +240,13 @@ def _execute(args):
                                                "loss_all_zero", "probs_all_zero", "log10_factor_predicted",
                                                "log10_factor_measured")}}
     if args.save:
-        np.savez_compressed(args.save, x=xa, x_adv=x_adv, labels=ya, image_index=index + args.offset,
-                            targets=(targets if targets is not None else np.full(len(index), -1)),
-                            pred_before=result.pred_before, pred_after=result.pred_after)
+        with atomic_write(args.save, "wb", suffix=".npz") as f:
+            np.savez_compressed(f, x=xa, x_adv=x_adv, labels=ya, image_index=index + args.offset,
+                                targets=(targets if targets is not None else np.full(len(index), -1)),
+                                pred_before=result.pred_before, pred_after=result.pred_after)
         print(f"wrote {args.save}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_jsonable(record), f, indent=1, allow_nan=False)
+        write_json(args.json, record)
         print(f"wrote {args.json}")
     if args.png:
         title = (f"{args.attack} on {os.path.basename(args.model)}, differentiating {wrt}"
@@ -274,15 +255,3 @@ def _execute(args):
         save_png(args.png, xa, x_adv, ya, result.pred_before, result.pred_after, targets, title=title)
         print(f"wrote {args.png}")
     return 0
-
-
-def run(args):
-    """Run the attack command; returns the exit code (errors: one line on stderr, code 2)."""
-    from ..backend import DeviceError
-    from ..data import DataError, DataNotFoundError
-    from ..model import ModelFileError
-    try:
-        return _execute(args)
-    except (CommandError, ModelFileError, DataError, DataNotFoundError, DeviceError, ValueError, OSError) as e:
-        print(f"scratchnet attack: error: {e}", file=sys.stderr)
-        return 2

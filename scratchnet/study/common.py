@@ -1,8 +1,8 @@
-"""What the experiment scripts share: options, the model grid, result files.
+"""What the studies share: options, the model grid, result files.
 
-Each script in this folder is run directly (``python experiments/NAME.py``);
-this module sits beside them and is imported as ``common``. The package
-``scratchnet`` never imports anything from here.
+Each study (``grad_vs_T``, ``attack_vs_T``, ``distillation``, ``saturation``)
+is a module of this package with a ``main()``; the scripts a user runs,
+``experiments/NAME.py``, only call it through ``scratchnet.cli.run_script``.
 
 * ``add_common_options`` / ``settings_from``: ``--quick``, ``--T``, ``--seeds``,
   ``--epochs``, ``--train-size``, ``--n``, data, cache and output folders;
@@ -11,28 +11,26 @@ this module sits beside them and is imported as ``common``. The package
   every recipe; a distilled model's teacher is the temperature model at T);
 * ``ResultStore``: one JSON per finished measurement, so a rerun after an
   interruption reuses every finished model *and* result;
-* ``write_csv`` / ``write_json``: written to a temporary name and moved into
-  place, so a failed run never leaves a half-written result.
+* ``write_csv`` / ``write_json`` / ``save_figure``: through the one atomic
+  writer (``scratchnet/files.py``), so a failed run never leaves a
+  half-written result.
 """
 import csv
 import hashlib
 import json
 import math
 import os
-import sys
-import tempfile
 
 import numpy as np
 
-from scratchnet.cache import get_model
-from scratchnet.data import load_mnist
+from ..cache import get_model
+from ..cli import UsageError
+from ..data import load_mnist
+from ..files import atomic_write, read_json, write_json  # noqa: F401  (write_json: the studies' JSON writer)
+from ..functional import check_T
 
 FULL_T = [1, 2, 5, 10, 20, 50, 100]
 RECIPES = ["temperature", "distilled"]
-
-
-class UsageError(Exception):
-    """A bad option: reported as one line, exit status 2."""
 
 
 def add_common_options(parser, quick):
@@ -72,8 +70,11 @@ def settings_from(args, quick, full):
         "architecture": args.architecture,
         "quick": bool(args.quick),
     }
-    if any(t <= 0 or not math.isfinite(t) for t in s["T"]):
-        raise UsageError(f"every --T must be a finite number > 0, got {args.T}")
+    try:
+        for t in s["T"]:
+            check_T(t)
+    except ValueError:
+        raise UsageError(f"every --T must be a finite number > 0, got {args.T}") from None
     if 1.0 not in s["T"]:
         s["T"] = [1.0] + s["T"]              # the standard model is the reference of every factor
     if s["epochs"] < 1:
@@ -83,23 +84,6 @@ def settings_from(args, quick, full):
     if s["train_size"] is not None and not 1 <= s["train_size"] <= 55000:
         raise UsageError(f"--train-size must be in [1, 55000], got {s['train_size']}")
     return s
-
-
-def run_main(main):
-    """Call ``main()``; turn expected failures into one line on stderr and a non-zero exit."""
-    from scratchnet.data import DataError, DataNotFoundError
-    from scratchnet.model import ModelFileError
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (DataError, DataNotFoundError, ModelFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: finished models and results are kept; rerun to resume", file=sys.stderr)
-        sys.exit(130)
 
 
 # ===== models =====
@@ -182,8 +166,7 @@ class ResultStore:
     def _read(path, key):
         if os.path.exists(path):
             try:
-                with open(path) as f:
-                    stored = json.load(f)
+                stored = read_json(path)
                 if stored.get("key") == json.loads(json.dumps(key, default=str)):
                     return stored
             except (OSError, json.JSONDecodeError):
@@ -196,70 +179,19 @@ class ResultStore:
         for p in [path] + [os.path.join(f, self._name(key)) for f in self.also_read]:
             stored = self._read(p, key)
             if stored is not None:
-                return _from_jsonable(stored["result"])
+                return stored["result"]
         result = compute()
         write_json(path, {"key": key, "result": result})
         return result
 
 
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else ("-inf" if x == -math.inf else "inf" if x == math.inf else "nan")
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def _from_jsonable(x):
-    """Undo ``_jsonable``'s spelling of non-finite floats, so a stored result reads back as computed."""
-    if isinstance(x, dict):
-        return {k: _from_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_jsonable(v) for v in x]
-    if isinstance(x, str) and x in _NON_FINITE:
-        return _NON_FINITE[x]
-    return x
-
-
-def write_json(path, obj):
-    """Atomically write ``obj`` as JSON (non-finite floats as the strings "-inf", "inf", "nan")."""
-    _atomic_write(path, lambda f: json.dump(_jsonable(obj), f, indent=1))
-
-
 def write_csv(path, rows, columns):
     """Atomically write a list of dicts as CSV with the given column order."""
-    def write(f):
+    with atomic_write(path, "w", suffix=".csv") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in rows:
             w.writerow({k: _fmt(row.get(k)) for k in columns})
-    _atomic_write(path, write)
 
 
 def _fmt(v):
@@ -270,17 +202,8 @@ def _fmt(v):
 
 def save_figure(fig, path):
     """Save a matplotlib figure atomically (PNG, 120 dpi)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def print_table(rows, columns, headers=None):

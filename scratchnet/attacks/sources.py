@@ -1,4 +1,4 @@
-"""Input gradients: every quantity an attack differentiates, by explicit backprop.
+"""Gradient sources: every quantity an attack differentiates, by explicit backprop.
 
 An attack needs the derivative of something the network outputs w.r.t. the
 *input image*. There are three candidates, and which one an attack looks at
@@ -23,20 +23,15 @@ array module), and is computed by ``model.backward`` -- never by finite
 differences. One forward pass can serve several backward passes (several
 vector-Jacobian products): each ``model.backward(dz)`` is one VJP.
 
-The second half of the module measures gradients whose true size is below
-what float32, and even float64, can hold: see "log-space magnitudes".
+The true size of these gradients, far below what float32 or even float64 can
+hold, is measured in log space by ``magnitudes.py``.
 """
-import math
-
-import numpy as np
-
 from .. import functional as F
 from ..backend import get_array_module
-from ..losses import cross_entropy_dlogits
-from ..model import build
+from ..functional import check_T
+from ..losses import check_labels, cross_entropy_dlogits, one_hot
 
 WRT_CHOICES = ("probs", "logits", "loss")
-LN10 = math.log(10.0)
 
 
 # ===== argument checks =====
@@ -46,36 +41,6 @@ def check_wrt(wrt, allowed=WRT_CHOICES, who="this attack"):
     if wrt not in allowed:
         raise ValueError(f"{who} differentiates one of {', '.join(allowed)} (wrt=...), got {wrt!r}")
     return wrt
-
-
-def check_T(T):
-    """The softmax temperature must be a positive number."""
-    try:
-        T = float(T)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature T must be a positive number, got {T!r}") from None
-    if not T > 0 or not math.isfinite(T):
-        raise ValueError(f"temperature T must be a positive finite number, got {T}")
-    return T
-
-
-def check_labels(labels, N, K, what="labels"):
-    """Integer class indices (N,) in [0, K)."""
-    labels = np.asarray(labels) if get_array_module(labels) is np else labels
-    if labels.ndim != 1 or labels.shape[0] != N:
-        raise ValueError(f"{what} must have shape ({N},), got {tuple(labels.shape)}")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integer class indices, got dtype {labels.dtype}")
-    if N and (int(labels.min()) < 0 or int(labels.max()) >= K):
-        raise ValueError(f"{what} must lie in [0, {K - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
-    return labels
-
-
-def one_hot(labels, K, xp, dtype):
-    """(N, K) rows with a 1 at each label."""
-    t = xp.zeros((labels.shape[0], K), dtype=dtype)
-    t[xp.arange(labels.shape[0]), labels] = 1
-    return t
 
 
 # ===== from a cotangent on an output to a cotangent on the logits =====
@@ -98,8 +63,7 @@ def loss_dlogits(z, labels, T=1.0):
     two numbers near 1 are subtracted: the gradient of a saturated image keeps
     its true tiny size as long as the other probabilities do not underflow.
     """
-    xp = get_array_module(z)
-    t = one_hot(labels, z.shape[1], xp, z.dtype)
+    t = one_hot(labels, z.shape[1], get_array_module(z), z.dtype)
     return cross_entropy_dlogits(F.log_softmax(z, T), t, T)   # (p - onehot) / T: the 1/T is inside
 
 
@@ -256,135 +220,3 @@ def attack_gradient(model, x, labels, wrt="loss", T=1.0, targets=None):
     T = check_T(T)
     z = model.logits(x)
     return input_backward(model, attack_dlogits(z, labels, wrt, T, targets)), z
-
-
-# ===== log-space magnitudes =====
-#
-# For a network trained at T = 100 the deployed logit margin M (top minus
-# runner-up) is hundreds to thousands, and the true gradient is about exp(-M):
-# below 1e-308 it underflows even float64. But backprop from the logits to the
-# input is *linear* in the logits cotangent dz. So we write dz = exp(s) * u with
-# u's largest entry exactly 1, compute log|dz_j| from log-probabilities (which
-# never underflow), backprop the well-scaled u in float64, and add s back:
-#
-#     log10 ||dx|| = log10 ||backward(u)|| + s / ln 10.
-
-def float64_copy(model):
-    """The same network with float64 parameters, on the same device."""
-    xp = model.xp
-    copy = build(model.architecture(), dtype=np.float64)
-    copy.set_params({k: v.astype(xp.float64) for k, v in model.params.items()})
-    return copy
-
-
-def _logsumexp(a, axis=-1):
-    xp = get_array_module(a)
-    m = a.max(axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)
-    return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def log_onehot_minus_p(logp, idx):
-    """log|e_idx - p| and sign(e_idx - p), from log-probabilities, without underflow.
-
-    Parameters
-    ----------
-    logp : (N, K) float64 log softmax(z / T)
-    idx : (N,) int
-
-    Returns
-    -------
-    log_mag : (N, K): log p_j for j != idx; log(1 - p_idx) = logsumexp_{j != idx} log p_j at idx
-    sign : (N, K): -1 for j != idx, +1 at idx
-    """
-    xp = get_array_module(logp)
-    N, K = logp.shape
-    at = xp.zeros((N, K), dtype=bool)
-    at[xp.arange(N), idx] = True
-    rest = _logsumexp(xp.where(at, -xp.inf, logp), axis=1)   # log(1 - p_idx), exact in log space
-    log_mag = xp.where(at, rest[:, None], logp)
-    sign = xp.where(at, 1.0, -1.0)
-    return log_mag, sign
-
-
-def _log10_norms(dx_scaled, log_scale):
-    """log10 of the L1, L2, Linf norms of exp(log_scale) * dx_scaled, per image."""
-    xp = get_array_module(dx_scaled)
-    flat = xp.abs(dx_scaled.reshape(dx_scaled.shape[0], -1))
-    with np.errstate(divide="ignore"):           # a norm that is truly 0 is -inf in log space
-        out = {"l1": xp.log10(flat.sum(axis=1)),
-               "l2": xp.log10(xp.sqrt((flat * flat).sum(axis=1))),
-               "linf": xp.log10(flat.max(axis=1))}
-    return {k: v + log_scale / LN10 for k, v in out.items()}
-
-
-def _scaled_backward(model64, log_mag, sign, T):
-    """backward(u) with u = sign * exp(log_mag - s), s = max log_mag per image; returns (dx_u, s)."""
-    xp = get_array_module(log_mag)
-    s = log_mag.max(axis=1)                      # the log of the largest |dz_j|
-    u = sign * xp.exp(log_mag - s[:, None])      # largest entry is exactly +-1: nothing underflows
-    u = u / T                                    # the temperature: chain rule through z / T
-    return input_backward(model64, u), s
-
-
-def log10_loss_grad_norms(model64, x, labels, T=1.0):
-    """True log10 L1 / L2 / Linf norms of d CE(softmax(z / T), y) / dx, per image.
-
-    Parameters
-    ----------
-    model64 : a float64 model (see ``float64_copy``)
-    x : (N, C, H, W) images (cast to float64)
-    labels : (N,) int
-    T : float > 0
-
-    Returns
-    -------
-    dict with "l1", "l2", "linf": (N,) log10 norms (-inf only if truly zero), and
-    "log10_factor": (N,) log10 max_j |p_j - t_j|, the softmax factor that scales
-    the whole gradient (log10(1 - p_y) for a correctly classified image), and
-    "logits": (N, K) the float64 logits.
-    """
-    T = check_T(T)
-    xp = get_array_module(x)
-    z = model64.logits(x.astype(xp.float64))
-    labels = check_labels(labels, z.shape[0], z.shape[1])
-    logp = F.log_softmax(z, T)                   # float64 log-probabilities: no underflow
-    log_mag, sign = log_onehot_minus_p(logp, labels)
-    dx_u, s = _scaled_backward(model64, log_mag, -sign, T)  # dz = p - e_y = -(e_y - p)
-    out = _log10_norms(dx_u, s)
-    out["log10_factor"] = s / LN10
-    out["logits"] = z
-    return out
-
-
-def log10_probs_jacobian_norms(model64, x, T=1.0):
-    """True log10 norms of each row of d softmax(z / T) / dx, and of the whole Jacobian.
-
-    Row i's logits cotangent is dz_j = p_i (delta_ij - p_j) / T, so
-    log|dz_j| = log p_i + log|delta_ij - p_j|: two log-probabilities added,
-    never two probabilities multiplied.
-
-    Returns
-    -------
-    dict with "rows": {"l1", "l2", "linf"} each (N, K) log10 norms of row i;
-    "l1", "l2", "linf": (N,) log10 norms of the whole (K x pixels) Jacobian
-    (L1 summed over rows, L2 the Frobenius norm, Linf the largest entry).
-    """
-    T = check_T(T)
-    xp = get_array_module(x)
-    z = model64.logits(x.astype(xp.float64))
-    N, K = z.shape
-    logp = F.log_softmax(z, T)
-    rows = {"l1": [], "l2": [], "linf": []}
-    for i in range(K):
-        idx = xp.full(N, i, dtype=xp.int64)
-        log_mag, sign = log_onehot_minus_p(logp, idx)
-        log_mag = logp[:, i:i + 1] + log_mag     # log p_i + log|delta_ij - p_j|
-        dx_u, s = _scaled_backward(model64, log_mag, sign, T)
-        for k, v in _log10_norms(dx_u, s).items():
-            rows[k].append(v)
-    rows = {k: xp.stack(v, axis=1) for k, v in rows.items()}
-    return {"rows": rows,
-            "l1": _logsumexp(rows["l1"] * LN10, axis=1) / LN10,
-            "l2": 0.5 * _logsumexp(2 * rows["l2"] * LN10, axis=1) / LN10,
-            "linf": rows["linf"].max(axis=1)}

@@ -1,0 +1,69 @@
+"""Checkpoints: everything needed to resume an interrupted training run.
+
+After every epoch ``training.train`` writes one ``.npz`` with the model's
+parameters (``param/<name>``), the optimiser's state (``opt/m/<name>``,
+``opt/v/<name>`` for Adam, ``opt/velocity/<name>`` for SGD) and a JSON
+``__state__``: the epochs done, their history, the optimiser's step count and
+the run's settings. A run resumes from a checkpoint only when its settings
+are the same. The file is written atomically (``files.py``), so a run killed
+while saving leaves the previous checkpoint whole.
+"""
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from .backend import to_device, to_numpy
+from .files import save_npz_atomic
+from .optim import Adam
+
+
+
+def optimizer_arrays(opt):
+    """The optimiser's state as {"kind/param": array} plus its scalar step count."""
+    if isinstance(opt, Adam):
+        arrays = {f"m/{k}": v for k, v in opt.m.items()}
+        arrays.update({f"v/{k}": v for k, v in opt.v.items()})
+        return arrays, {"t": opt.t}
+    return {f"velocity/{k}": v for k, v in opt.velocity.items()}, {}
+
+
+def restore_optimizer(opt, arrays, scalars, device):
+    """Put the arrays and scalars of ``optimizer_arrays`` back into ``opt``, on ``device``."""
+    for key, value in arrays.items():
+        kind, name = key.split("/", 1)
+        value = to_device(value, device)
+        if kind == "m":
+            opt.m[name] = value
+        elif kind == "v":
+            opt.v[name] = value
+        else:
+            opt.velocity[name] = value
+    if isinstance(opt, Adam):
+        opt.t = int(scalars.get("t", 0))
+
+
+def save_checkpoint(path, model, opt, epoch, history, settings):
+    """Atomically write parameters, optimiser state and progress after ``epoch`` epochs."""
+    arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
+    opt_arrays, scalars = optimizer_arrays(opt)
+    arrays.update({f"opt/{k}": to_numpy(v) for k, v in opt_arrays.items()})
+    state = {"epoch": epoch, "history": history, "settings": settings, "optimizer_scalars": scalars}
+    arrays["__state__"] = np.array(json.dumps(state))
+    save_npz_atomic(path, arrays)
+
+
+def load_checkpoint(path):
+    """The checkpoint at ``path`` as a dict, or None if absent or unreadable."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        state = json.loads(str(arrays.pop("__state__")))
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
+        return None
+    state["params"] = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    state["optimizer"] = {k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")}
+    return state

@@ -1,0 +1,257 @@
+"""The training loop: mini-batches, the loss at T, backprop, the optimiser step.
+
+``train(model, x, y, T)`` is the whole loop, written out in one function:
+shuffle, take a batch, logits, cross-entropy of ``softmax(z / T)``
+(``losses.py``), ``model.backward``, one optimiser step (``optim.py``),
+with a warm-up and cosine learning-rate schedule, a progress bar, a check
+that the loss stays finite, and a checkpoint after every epoch
+(``checkpoint.py``) so an interrupted run resumes. ``evaluate`` measures a
+trained model at its deployment temperature.
+
+Optimisation
+------------
+The loss gradient w.r.t. the logits is ``(p - t) / T``: at T = 100 it is 100
+times smaller than at T = 1, and plain SGD at a T = 1 learning rate sits at
+chance for epochs. The default optimiser is therefore **Adam** (lr 1e-3),
+whose step size does not depend on the gradient's scale, with a linear
+warm-up over the first 10 % of the steps and a cosine decay to zero. The
+alternative ``optimizer="sgd"`` is SGD with momentum 0.9 whose learning rate
+is multiplied by T, which undoes the 1/T.
+
+Reproducibility: the shuffling and the dropout masks of epoch ``e`` are drawn
+from generators seeded by ``(seed, e)``, so the same seed on the same device
+gives the same weights, and a run resumed from a checkpoint after epoch ``e``
+continues exactly as the uninterrupted run would have.
+
+Which network is trained on what, at which T (the recipes): ``recipes.py``.
+"""
+import math
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import functional as F
+from .backend import to_device, to_numpy
+from .layers import Dropout
+from .functional import logit_margins
+from .losses import check_labels, softmax_cross_entropy
+from .optim import SGD, Adam
+
+OPTIMIZERS = ("adam", "sgd")
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
+DEFAULT_EPOCHS = 5
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; nothing is saved."""
+
+
+# ===== learning-rate schedule =====
+
+def learning_rate(step, total_steps, base_lr, warmup_steps):
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to 0.
+
+    Parameters
+    ----------
+    step : int, 0-based index of the optimiser step
+    total_steps : int, steps in the whole run
+    base_lr : float, the peak learning rate
+    warmup_steps : int >= 1
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _epoch_seed(seed, epoch):
+    """An integer seed for epoch ``epoch`` of run ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def make_optimizer(model, optimizer, T):
+    """The optimiser object, and the factor its learning rate is multiplied by.
+
+    Adam's steps do not scale with the gradient, so it needs no correction.
+    SGD's do: the loss gradient carries 1 / T, so SGD's rate is multiplied by T.
+    """
+    if optimizer == "adam":
+        return Adam(model), 1.0
+    if optimizer == "sgd":
+        return SGD(model, momentum=0.9), float(T)
+    raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+
+
+# ===== the training loop =====
+
+def _device_of(model):
+    return "cpu" if model.xp is np else "gpu"
+
+
+def _reseed_dropout(model, seed):
+    for layer in model.layers:
+        if isinstance(layer, Dropout):
+            layer.reseed(seed)
+
+
+def _check_training_inputs(model, x, y, T, epochs, batch_size, optimizer):
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    F.check_T(T)
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if getattr(x, "ndim", 0) != 4:
+        raise ValueError(f"x must be images of shape (N, C, H, W), got shape {getattr(x, 'shape', type(x).__name__)}")
+    if y.ndim != 1 and y.ndim != 2:
+        raise ValueError(f"y must be int labels (N,) or soft targets (N, K), got shape {y.shape}")
+    if len(y) != len(x):
+        raise ValueError(f"x and y must have the same length, got {len(x)} images and {len(y)} targets")
+    if y.ndim == 1:
+        check_labels(y, len(x), model.n_classes, "hard labels y")
+
+
+def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
+          optimizer="adam", lr=None, warmup_steps=None, val=None, checkpoint=None,
+          progress=True, desc="train"):
+    """Train ``model`` in place with mini-batch cross-entropy at temperature T.
+
+    Parameters
+    ----------
+    model : Sequential, on the device training should run on
+    x : (N, C, H, W) float images (NumPy; batches are moved to the model's device)
+    y : (N,) int labels, or (N, K) soft targets (rows summing to 1)
+    T : float > 0, the training temperature: the loss sees softmax(z / T)
+    epochs, batch_size : ints
+    seed : int, seeds the shuffling and the dropout masks
+    optimizer : "adam" or "sgd" (see the module docstring)
+    lr : peak learning rate (default ``DEFAULT_LR[optimizer]``; SGD's is then multiplied by T)
+    warmup_steps : linear warm-up length (default: 10 % of all steps)
+    val : optional (x_val, y_val) for a validation accuracy after each epoch
+    checkpoint : optional path; written after every epoch, and a matching one
+        is resumed from (a checkpoint from different settings is ignored)
+    progress : show a tqdm bar per epoch with loss and accuracy
+    desc : label for the progress bars
+
+    Returns
+    -------
+    history : list of dicts, one per epoch: loss, train_accuracy, val_accuracy, seconds
+
+    Raises
+    ------
+    TrainingDivergedError when the loss or the weights become NaN or infinite.
+    """
+    _check_training_inputs(model, x, y, T, epochs, batch_size, optimizer)
+    T = float(T)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    N = len(x)
+    steps_per_epoch = math.ceil(N / batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = max(1, total_steps // 10) if warmup_steps is None else max(1, int(warmup_steps))
+    device = _device_of(model)
+    opt, lr_factor = make_optimizer(model, optimizer, T)
+    settings = {"T": T, "epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
+                "lr": lr, "warmup_steps": warmup_steps, "N": N, "soft_targets": bool(y.ndim == 2)}
+
+    history, start_epoch = [], 0
+    state = ckpt.load_checkpoint(checkpoint)
+    if state is not None and state["settings"] == settings and set(state["params"]) == set(model.params):
+        model.set_params({k: to_device(v, device) for k, v in state["params"].items()})
+        ckpt.restore_optimizer(opt, state["optimizer"], state["optimizer_scalars"], device)
+        history, start_epoch = state["history"], state["epoch"]
+        if progress:
+            tqdm.write(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
+
+    hard_labels = y if y.ndim == 1 else y.argmax(axis=1)
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(N)
+        _reseed_dropout(model, _epoch_seed(seed, epoch))
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                   disable=not progress, leave=False, unit="batch")
+        for i in bar:
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            xb, yb = to_device(x[idx], device), to_device(y[idx], device)
+            opt.lr = learning_rate(epoch * steps_per_epoch + i, total_steps, lr, warmup_steps) * lr_factor
+
+            z = model.logits(xb, train=True)
+            loss, dz = softmax_cross_entropy(z, yb, T)     # the loss sees softmax(z / T)
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"{desc}: the loss became {loss} at epoch {epoch + 1}, batch {i + 1} "
+                    f"(T={T}, optimizer={optimizer}, lr={opt.lr:.3g}); lower the learning rate")
+            model.backward(dz)
+            opt.step()
+
+            loss_sum += loss * len(idx)
+            correct += int((to_numpy(z.argmax(axis=1)) == hard_labels[idx]).sum())
+            seen += len(idx)
+            if i % 10 == 0 or i == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.close()
+
+        for name, w in model.params.items():
+            if not bool(model.xp.isfinite(w).all()):
+                raise TrainingDivergedError(f"{desc}: parameter {name} became NaN or infinite in epoch {epoch + 1}")
+        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  "seconds": time.perf_counter() - started}
+        if val is not None:
+            record["val_accuracy"] = accuracy(model, *val)
+        history.append(record)
+        if progress:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+                       f"train acc {record['train_accuracy']:.4f}"
+                       + (f", val acc {record['val_accuracy']:.4f}" if val is not None else "")
+                       + f", {record['seconds']:.0f} s")
+        if checkpoint:
+            ckpt.save_checkpoint(checkpoint, model, opt, epoch + 1, history, settings)
+    return history
+
+
+# ===== evaluation =====
+
+def logits_in_batches(model, x, batch_size=1000):
+    """z for every image, evaluated without dropout; NumPy (N, K) in the model's dtype."""
+    device = _device_of(model)
+    return np.concatenate([to_numpy(model.logits(to_device(x[i:i + batch_size], device)))
+                           for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model, x, y, batch_size=1000):
+    """Fraction of images whose arg-max logit is the label ``y`` (N,)."""
+    return float((logits_in_batches(model, x, batch_size).argmax(axis=1) == to_numpy(y)).mean())
+
+
+def evaluate(model, x, y, T=1.0, batch_size=1000):
+    """How a deployed model behaves on labelled images.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) images;  y : (N,) int labels
+    T : the deployment temperature (1 for every recipe)
+
+    Returns
+    -------
+    dict with accuracy, n, confusion (K x K counts, rows = true class,
+    columns = predicted), mean_max_probability, saturated_fraction (the
+    fraction of images whose top probability is exactly 1.0 in the model's
+    dtype, e.g. float32: the softmax has rounded and its gradient vanishes),
+    and mean_logit_margin.
+    """
+    z = logits_in_batches(model, x, batch_size)
+    p, _ = F.softmax_forward(z, T)                 # in the model's own dtype, as deployed
+    pred = z.argmax(axis=1)
+    y = to_numpy(y)
+    K = z.shape[1]
+    confusion = np.zeros((K, K), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    top = p.max(axis=1)
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "confusion": confusion.tolist(),
+            "mean_max_probability": float(top.mean(dtype=np.float64)),
+            "saturated_fraction": float((top == 1.0).mean()),
+            "mean_logit_margin": float(logit_margins(z).mean(dtype=np.float64)), "T": float(T),
+            "dtype": str(z.dtype)}
