@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from scratchnet import functional as F
 from scratchnet.attacks import apgd, square_linf, transfer
 from scratchnet.attacks import indicators
 from scratchnet.attacks.apgd import attack_loss, checkpoints

@@ -124,7 +124,8 @@ def test_apgd_dlr_succeeds_where_apgd_ce_at_T1_is_masked(model_hot, model_T1, mn
     assert rate(ce1) >= 0.95
     # DLR reads both networks alike: its values have the same size although the logit margins
     # differ about T-fold (measured medians: DLR 0.79 vs 0.76, margins 3.2 vs 200)
-    d1, dh = np.median(np.abs(dlr_loss(model_T1.logits(x), y)[0])), np.median(np.abs(dlr_loss(model_hot.logits(x), y)[0]))
+    d1 = np.median(np.abs(dlr_loss(model_T1.logits(x), y)[0]))
+    dh = np.median(np.abs(dlr_loss(model_hot.logits(x), y)[0]))
     s1, sh = np.sort(model_T1.logits(x), axis=1), np.sort(model_hot.logits(x), axis=1)
     m1, mh = np.median(s1[:, -1] - s1[:, -2]), np.median(sh[:, -1] - sh[:, -2])
     assert 0.5 < dh / d1 < 2 and mh / m1 > 20, (d1, dh, m1, mh)

@@ -181,7 +181,7 @@ def apgd(model, x, labels, eps, norm="linf", loss="ce", T=1.0, steps=100, target
     Returns
     -------
     x_adv : (N, C, H, W) NumPy; result : AttackResult with ``extra``:
-        ``loss_trace`` (N, steps + 1) the loss at each iterate x_0 ... x_N;
+        ``loss_trace`` (N, steps + 1) the loss at each iterate x_0 ... x_steps;
         ``best_loss`` (N,) f(x_max); ``first_success_step`` (N,) the first
         iterate that was adversarial (-1: none); ``best_loss_point_adversarial``
         (N,) whether x_max itself is adversarial; ``step_halvings`` (N,);

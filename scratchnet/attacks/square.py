@@ -29,7 +29,8 @@ gives the same margin, 1, for every proposal near the image, and the random
 search has nothing to compare. (Returning log-probabilities instead would be
 the logit margin divided by T, as good as the logits.)
 
-Images the model already misclassifies are not attacked (no queries).
+Images the model already misclassifies are not attacked (no queries), nor is
+anything at eps = 0.
 """
 import math
 
@@ -93,7 +94,7 @@ def square_linf(model, x, labels, eps, queries=1000, p_init=0.8, targets=None, o
     x_adv : (N, C, H, W) NumPy; result : AttackResult with ``iterations`` =
         ``extra["queries"]`` = queries used per image (0 for images
         misclassified from the start), ``gradient_evals`` = 0, and
-        ``extra["final_margin"]``.
+        ``extra["final_margin"]`` (the margin loss of x_adv; None where no query was made).
     """
     if not (isinstance(eps, (int, float, np.floating, np.integer)) and not isinstance(eps, bool)
             and eps >= 0 and np.isfinite(eps)):
@@ -189,7 +190,8 @@ def square_linf(model, x, labels, eps, queries=1000, p_init=0.8, targets=None, o
 
     params = {"eps": float(eps), "queries": int(queries), "p_init": float(p_init), "output": output,
               "seed": int(seed)}
-    extra = {"queries": n_queries.tolist(), "final_margin": final_margin.tolist()}
+    extra = {"queries": n_queries.tolist(),
+             "final_margin": [None if np.isnan(m) else float(m) for m in final_margin]}   # None: not attacked
     result = make_result("square", output, T, params, model, x, x_adv, labels, targets, pred_before,
                          iterations=n_queries, gradient_evals=np.zeros(N, dtype=np.int64), extra=extra)
     return result.x_adv, result
