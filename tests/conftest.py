@@ -1,8 +1,10 @@
-"""Shared by the tests: where MNIST is."""
+"""Shared by the tests: where MNIST is, the array module under test, the small MNIST networks."""
 import os
 
+import numpy as np
 import pytest
 
+from scratchnet.backend import gpu_available
 
 # ===== MNIST =====
 #
@@ -51,6 +53,45 @@ def mnist_folder():
     if not MNIST.present:
         pytest.skip(_missing_line())
     return MNIST.folder
+
+
+
+# ===== the array module under test =====
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request):
+    """Each backend-generic test runs on NumPy and, where a CUDA device is present, on CuPy."""
+    if request.param == "numpy":
+        return np
+    ok, reason = gpu_available()
+    if not ok:
+        pytest.skip(f"CuPy backend not testable here: {reason}")
+    import cupy
+    return cupy
+
+
+# ===== the small networks trained on MNIST (tests/mnist_models.py) =====
+
+@pytest.fixture(scope="session")
+def mnist(mnist_folder):
+    """The real MNIST arrays, read once per run."""
+    from scratchnet.data import load_mnist
+    return load_mnist(mnist_folder, download=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_T1(mnist):
+    """The small MLP trained at T = 1."""
+    from mnist_models import train
+    return train(mnist, 1.0, epochs=5, lr=1e-3)
+
+
+@pytest.fixture(scope="session")
+def model_hot(mnist):
+    """Trained at T = 100 (Adam copes with the 1/T in the gradient), deployed at T = 1:
+    logits about 100 times too large, float32 softmax saturated."""
+    from mnist_models import T_HIGH, train
+    return train(mnist, T_HIGH, epochs=10, lr=3e-3)
 
 
 def pytest_configure(config):

@@ -9,7 +9,6 @@ images (module fixtures, a few seconds each).
   same attacks pointed at the logits succeed.
 * The ``attack`` command line, through its own parser and ``python -m scratchnet``.
 """
-import argparse
 import json
 import math
 import os
@@ -20,63 +19,13 @@ import numpy as np
 import pytest
 
 from conftest import mnist_dir
+from mnist_models import T_HIGH, correct_images
 from scratchnet.attacks import cw_l2, fgsm, gradient_diagnostics, jsma, pgd
 from scratchnet import cli
 from scratchnet.cli import attack as attack_command
 from scratchnet.attacks.diagnostics import compare_suppression, summarize, summarize_by_correctness
-from scratchnet.layers import Dense, Flatten, ReLU
-from scratchnet.losses import softmax_cross_entropy
-from scratchnet.model import Sequential, save
-from scratchnet.optim import Adam
+from scratchnet.model import save
 
-N_TRAIN = 4000
-T_HIGH = 100.0
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_folder):
-    from scratchnet.data import load_mnist
-    return load_mnist(mnist_folder, download=False, progress=False)
-
-
-def small_mlp(seed=0):
-    """784 - 64 - ReLU - 10: small and fast; the masking does not need convolutions."""
-    rng = np.random.default_rng(seed)
-    return Sequential([Flatten(name="flat"), Dense(784, 64, rng=rng, name="dense1"), ReLU(name="relu1"),
-                       Dense(64, 10, rng=rng, name="dense2")])
-
-
-def train(data, T, epochs, lr):
-    """Adam on the first N_TRAIN training images, cross-entropy of softmax(z / T)."""
-    model, rng = small_mlp(), np.random.default_rng(0)
-    opt = Adam(model, lr=lr)
-    x, y = data.train_x[:N_TRAIN], data.train_y[:N_TRAIN]
-    for _ in range(epochs):
-        perm = rng.permutation(N_TRAIN)
-        for i in range(0, N_TRAIN, 100):
-            b = perm[i:i + 100]
-            _, dz = softmax_cross_entropy(model.logits(x[b], train=True), y[b], T)
-            model.backward(dz)
-            opt.step()
-    return model
-
-
-@pytest.fixture(scope="module")
-def model_T1(mnist):
-    return train(mnist, 1.0, epochs=5, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def model_hot(mnist):
-    """Trained at T = 100 (Adam copes with the 1/T in the gradient), deployed at T = 1."""
-    return train(mnist, T_HIGH, epochs=10, lr=3e-3)
-
-
-def correct_images(model, data, n, start=0):
-    """The first n test images (from start) the model classifies correctly."""
-    x, y = data.test_x[start:start + 5 * n], data.test_y[start:start + 5 * n].astype(np.int64)
-    ok = model.predict(x) == y
-    return x[ok][:n], y[ok][:n]
 
 
 def margins(model, x):
