@@ -94,17 +94,18 @@ def ratio_interval(k1, n1, k2, n2, z=Z95):
     ratio, and a small count makes it wide: 182 of 270 against 2 of 270 is a
     ratio of 91, with a 95 % interval from 23 to 363.
 
-    A count of 0 makes log(ratio) or the variance infinite. Then, as is
-    customary (Pagano and Gauvreau 2000; Deeks and Higgins 2010), 0.5 is added
-    to every cell of the 2 x 2 table: to each of k1, n1 - k1, k2, n2 - k2, so
-    k becomes k + 0.5 and n becomes n + 1 in *both* rates, and the returned
-    ratio is the corrected one, finite and positive. A rate of n / n needs no
-    correction (1/k - 1/n is then 0).
+    Zero cells: a count k = 0 makes log(ratio) or the variance infinite, and
+    k = n in both rates makes the variance 0 (a point, as if 100 % of 50 were
+    certain). So when any cell of the 2 x 2 table (k1, n1 - k1, k2, n2 - k2)
+    is 0, 0.5 is added to every cell, as is customary (Pagano and Gauvreau
+    2000; Deeks and Higgins 2010, Review Manager's algorithms): k becomes
+    k + 0.5 and n becomes n + 1 in *both* rates, and the returned ratio is the
+    corrected one, finite and positive.
     """
     k1, n1 = _check_count(k1, n1, "k1")
     k2, n2 = _check_count(k2, n2, "k2")
     z = _check_z(z)
-    if k1 == 0 or k2 == 0:
+    if 0 in (k1, n1 - k1, k2, n2 - k2):
         k1, n1, k2, n2 = k1 + 0.5, n1 + 1, k2 + 0.5, n2 + 1   # 0.5 in every cell
     log_ratio = math.log((k1 / n1) / (k2 / n2))
     se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)

@@ -113,8 +113,14 @@ def test_ratio_interval_handles_every_edge_count():
     for k1, n1, k2, n2 in ((0, 50, 10, 50), (10, 50, 0, 50), (0, 50, 0, 50), (50, 50, 1, 50), (50, 50, 50, 50)):
         ratio, lo, hi = ratio_interval(k1, n1, k2, n2)
         assert 0 < lo <= ratio <= hi < math.inf, (k1, n1, k2, n2)
-    assert ratio_interval(50, 50, 50, 50) == (1.0, 1.0, 1.0)            # no uncertainty left: 1/k - 1/n = 0
-    assert ratio_interval(0, 50, 0, 50)[0] == 1.0
+    for k in (0, 50):                          # 0 of 50 twice, 50 of 50 twice: ratio 1, a real interval
+        ratio, lo, hi = ratio_interval(k, 50, k, 50)
+        assert ratio == 1.0 and lo < 1 < hi
+    # 50 of 50 against 25 of 50: the 0.5 correction, (50.5 / 51) / (25.5 / 51)
+    ratio, lo, hi = ratio_interval(50, 50, 25, 50)
+    assert ratio == pytest.approx(50.5 / 25.5)
+    se = math.sqrt(1 / 50.5 - 1 / 51 + 1 / 25.5 - 1 / 51)
+    assert (lo, hi) == pytest.approx((ratio * math.exp(-1.96 * se), ratio * math.exp(1.96 * se)))
     with pytest.raises(ValueError, match="n must be >= 1"):
         ratio_interval(1, 5, 0, 0)
     with pytest.raises(ValueError, match="k2 must lie"):
