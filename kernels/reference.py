@@ -271,6 +271,10 @@ def jsma_pair_search(alpha, beta, domain, rescale=True, pair_chunk=JSMA_PAIR_CHU
     p, q : (n,) int64 pixel indices, p < q, where found; 0 and 0 where not
     found : (n,) bool, True where some pair has a score > 0
 
+    The score is formed as -max(A, 0) * min(B, 0): equal to -A * B = A * |B|
+    where A > 0 and B < 0, and 0 everywhere else, so the conditions and the
+    score take one pass each over the table.
+
     Ties: the first best pair in the order (p, q) with p < q, row by row (the
     scores are symmetric, so this is the first maximum of the full P x P table).
 
