@@ -79,3 +79,13 @@ def get(name, xp=np, impl=None):
     if impl is None:
         impl = "cpu" if xp is np else "gpu"
     return _table(impl)[name]
+
+
+# ===== JSMA's pixel-pair search =====
+#
+# ``get("jsma_pair_search", xp)``: the fused Numba search on the CPU; on the GPU
+# the reference itself, whose chunked array code runs on CuPy as it is
+# (``kernels/gpu.py`` takes it from ``kernels/reference.py``).
+
+NAMES = NAMES + ("jsma_pair_search",)
+_tables["reference"]["jsma_pair_search"] = reference.jsma_pair_search

@@ -375,3 +375,82 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
         return dx, None, None
     dW = np.ascontiguousarray(dWT_parts.sum(axis=0).T).reshape(W.shape)
     return dx, dW, db_parts.sum(axis=0)
+
+
+# ===== JSMA's pixel-pair search =====
+
+from .reference import JSMA_PAIR_CHUNK, jsma_pair_scale  # noqa: E402  (kept with the kernel it serves)
+
+
+@njit(parallel=True, cache=True)
+def _jsma_pair_search(a, b, domain, p_out, q_out, found):
+    n, P = a.shape
+    for i in prange(n):                  # this thread alone writes image i's answer
+        # the pixels still in the domain, in decreasing order of alpha
+        pix = np.flatnonzero(domain[i])
+        pix = pix[np.argsort(-a[i, pix], kind="mergesort")]
+        m = len(pix)
+        ad = np.empty(m, a.dtype)
+        bd = np.empty(m, b.dtype)
+        for k in range(m):
+            ad[k] = a[i, pix[k]]
+            bd[k] = b[i, pix[k]]
+        # bmin[k] = the smallest beta among positions k, k + 1, ..., m - 1
+        bmin = np.empty(m, b.dtype)
+        for k in range(m - 1, -1, -1):
+            bmin[k] = bd[k] if k == m - 1 else min(bd[k], bmin[k + 1])
+        best = 0.0                       # Algorithm 3 starts from a best score of 0
+        bp, bq, ok = 0, 0, False
+        for k in range(m - 1):
+            # Every pair (k, l), l > k, has A <= ad[k] + ad[k + 1] (alpha decreases) and
+            # B >= bd[k] + bmin[k + 1]; rounding is monotonic, so these bounds hold for
+            # the computed A and B, and their product bounds the row's scores.
+            A_max = ad[k] + ad[k + 1]
+            if not A_max > 0:
+                break                    # no later pair can have A > 0 either
+            B_min = bd[k] + bmin[k + 1]
+            if not B_min < 0:
+                continue
+            bound = -(A_max * B_min)
+            if bound < best or not bound > 0:
+                continue                 # nothing in this row can win (ties still can: not skipped)
+            ak, bk, pk = ad[k], bd[k], pix[k]
+            for l in range(k + 1, m):
+                A = ak + ad[l]           # in the gradients' dtype, as the reference's tables
+                if A > 0:
+                    B = bk + bd[l]
+                    if B < 0:
+                        s = -(A * B)     # float32 product for float32 gradients: it may underflow
+                        if s >= best and s > 0:
+                            p, q = min(pk, pix[l]), max(pk, pix[l])
+                            # the reference's argmax keeps the first maximum in (p, q) order
+                            if s > best or p < bp or (p == bp and q < bq):
+                                best, bp, bq, ok = s, p, q, True
+        p_out[i], q_out[i], found[i] = bp, bq, ok
+
+
+def jsma_pair_search(alpha, beta, domain, rescale=True, pair_chunk=JSMA_PAIR_CHUNK):
+    """Fused JSMA pair search, one image per thread; see ``kernels.reference.jsma_pair_search``.
+
+    Each pair's score is computed and compared on the fly, so no (P x P) table
+    is ever formed: memory is O(P) per thread, and ``pair_chunk`` (kept for the
+    shared signature) has nothing to bound. Pixels outside the domain are
+    skipped rather than given the reference's -inf / +inf, which scores the same
+    pairs 0.
+
+    Most pairs are never scored: the pixels are visited in decreasing order of
+    alpha, and a whole row of pairs is skipped when an upper bound on its
+    scores is below the best so far (for the probabilities, beta is about
+    -alpha, so only the few rows with the largest alpha survive). The pairs
+    that are scored get the reference's arithmetic (the same inputs from
+    ``jsma_pair_scale``, sums and products in the same dtype), and equal
+    scores are resolved as its argmax does, so both return the same pairs.
+    """
+    dtype = np.result_type(alpha, beta)
+    a = np.ascontiguousarray(jsma_pair_scale(alpha, rescale), dtype=dtype)
+    b = np.ascontiguousarray(jsma_pair_scale(beta, rescale), dtype=dtype)
+    n = a.shape[0]
+    p, q = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    found = np.zeros(n, bool)
+    _jsma_pair_search(a, b, np.ascontiguousarray(domain, dtype=bool), p, q, found)
+    return p, q, found

@@ -172,3 +172,9 @@ def maxpool_backward(dy, argmax, x_shape, KH, KW, stride):
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch(kernel, dx.size, (dy, argmax, dx, N, C, H, W, KH, KW, OH, OW, stride))
     return dx
+
+
+# ===== JSMA's pixel-pair search =====
+# No CUDA version: the reference's chunked array code runs on CuPy arrays as it is.
+
+from .reference import jsma_pair_search  # noqa: E402,F401

@@ -205,3 +205,105 @@ def relu_backward(dy, y):
     dx : array, dy's shape and dtype
     """
     return dy * (y > 0)
+
+
+# ===== JSMA's pixel-pair search =====
+#
+# This search is written once for NumPy and CuPy (the GPU runs it as it is);
+# ``kernels/cpu.py`` has a fused Numba version that never forms the tables.
+
+JSMA_PAIR_CHUNK = 8
+
+
+def _array_module(a):
+    """numpy, or cupy for a CuPy array (kernels/ does not import scratchnet)."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def jsma_pair_scale(g, rescale):
+    """Each image's gradient divided by its largest |entry| (rescale=True), or g itself.
+
+    Parameters
+    ----------
+    g : (n, P) float array
+    rescale : bool
+
+    Returns
+    -------
+    (n, P) array of g's dtype. A positive factor per image changes no
+    comparison and no argmax, but products of tiny float32 gradients
+    (1e-25 * 1e-25 = 1e-50, below float32's smallest number 1.4e-45) stop
+    underflowing to 0. An all-zero image stays all zero.
+    """
+    if not rescale:
+        return g
+    xp = _array_module(g)
+    m = xp.abs(g).max(axis=1, keepdims=True)
+    return g / xp.where(m > 0, m, 1)
+
+
+def jsma_pair_search(alpha, beta, domain, rescale=True, pair_chunk=JSMA_PAIR_CHUNK):
+    """The best pixel pair of each image under JSMA's increasing-pixel saliency map.
+
+    Papernot et al.'s Algorithm 3: over pairs p != q of pixels still in the
+    domain, with A = alpha_p + alpha_q and B = beta_p + beta_q, keep the pair
+    with the largest score -A * B among those with A > 0 and B < 0, starting
+    from a best score of 0 and accepting only a strictly larger one.
+
+    Parameters
+    ----------
+    alpha : (n, P) float, the target class's gradient per pixel
+    beta : (n, P) float, the other classes' summed gradient per pixel
+    domain : (n, P) bool, pixels that may still be increased
+    rescale : bool. True: alpha and beta are first divided, per image, by their
+        largest |entry| (``jsma_pair_scale``), so no product underflows (the
+        "exact" formulation). False: the products are formed from the raw
+        gradients in their own dtype (the "paper" formulation): where every
+        admissible product underflows to 0, no pair has a positive score and
+        none is returned, just as the published float32 search finds none.
+    pair_chunk : int >= 1, images whose (P x P) tables exist at one time
+
+    Returns
+    -------
+    p, q : (n,) int64 pixel indices, p < q, where found; 0 and 0 where not
+    found : (n,) bool, True where some pair has a score > 0
+
+    The score is formed as -max(A, 0) * min(B, 0): equal to -A * B = A * |B|
+    where A > 0 and B < 0, and 0 everywhere else, so the conditions and the
+    score take one pass each over the table.
+
+    Ties: the first best pair in the order (p, q) with p < q, row by row (the
+    scores are symmetric, so this is the first maximum of the full P x P table).
+
+    Memory: about 8 bytes x P^2 x pair_chunk (two float32 tables A and B).
+    """
+    xp = _array_module(alpha)
+    n, P = alpha.shape
+    # A pixel outside the domain gets alpha = -inf and beta = +inf: every pair
+    # containing it then has A = -inf, B = +inf, and a score of exactly 0.
+    a = xp.where(domain, jsma_pair_scale(alpha, rescale), -xp.inf)
+    b = xp.where(domain, jsma_pair_scale(beta, rescale), xp.inf)
+    p_out = xp.zeros(n, dtype=xp.int64)
+    q_out = xp.zeros(n, dtype=xp.int64)
+    found = xp.zeros(n, dtype=bool)
+    for s in range(0, n, pair_chunk):
+        ac, bc = a[s:s + pair_chunk], b[s:s + pair_chunk]
+        c = len(ac)
+        A = ac[:, :, None] + ac[:, None, :]          # (c, P, P): alpha_p + alpha_q
+        xp.maximum(A, 0, out=A)                      # raising p and q must help the target ...
+        B = bc[:, :, None] + bc[:, None, :]          # (c, P, P): beta_p + beta_q
+        xp.minimum(B, 0, out=B)                      # ... and hurt the other classes
+        A *= B                                       # the product, in the gradients' dtype
+        xp.negative(A, out=A)                        # the score -A * B = A * |B|, in place
+        score = A.reshape(c, -1)
+        score[:, ::P + 1] = 0                        # the diagonal p == q: not a pair
+        best = score.argmax(axis=1)                  # the first maximum, row by row
+        ok = score[xp.arange(c), best] > 0           # a score of 0 is no pair: the map is empty
+        found[s:s + c] = ok
+        p_out[s:s + c] = xp.where(ok, best // P, 0)
+        q_out[s:s + c] = xp.where(ok, best % P, 0)
+        del A, B, score
+    return p_out, q_out, found

@@ -8,7 +8,7 @@ the network answers by growing its logits about T times larger.
 import numpy as np
 
 from .backend import get_array_module
-from .functional import check_T, log_softmax
+from .functional import check_T, log_softmax, softmax_forward
 
 
 # ===== labels =====
@@ -101,5 +101,54 @@ def cross_entropy_dlogits(logp, t, T):
     p = xp.exp(logp)
     others = 1 - xp.eye(K, dtype=logp.dtype)     # (v @ others)_i = sum_{j != i} v_j
     dz = p * (t @ others) - t * (p @ others)     # = p - t, with no 1 - p_y formed
+    dz = dz / T                                  # the temperature: d(z / T)/dz = 1 / T
+    return dz
+
+
+# ===== the two formulations of the loss gradient =====
+#
+# ``cross_entropy_dlogits`` above is the *exact* gradient: it never forms
+# 1 - p_y, so a saturated image keeps its true, tiny gradient. Frameworks
+# (and every published FGSM / PGD implementation) instead evaluate
+# ``softmax(z / T) - onehot`` in the model's float32. Once p_y rounds to 1.0,
+# p_y - 1 is exactly 0 there while the other p_j are still tiny but non-zero:
+# the gradient keeps the push *up* on the other classes and loses the push
+# *down* on the true class, so its direction changes. ``formulation="paper"``
+# reproduces that gradient so that published results can be compared like for
+# like; ``"exact"`` (the default) is the cancellation-free one.
+
+FORMULATIONS = ("exact", "paper")
+
+
+def check_formulation(formulation, who="this gradient"):
+    """Raise a ValueError unless ``formulation`` is "exact" or "paper"."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"{who} has formulation 'exact' (cancellation-free, the default) or "
+                         f"'paper' (as published, in the model's float32), got {formulation!r}")
+    return formulation
+
+
+def softmax_minus_onehot_dlogits(z, t, T):
+    """Per-row gradient of the cross-entropy as frameworks compute it: (softmax(z / T) - t) / T.
+
+    Parameters
+    ----------
+    z : (N, K) logits, in the model's dtype (float32 for a float32 model)
+    t : (N, K) target rows (one-hot or soft)
+    T : float > 0
+
+    Returns
+    -------
+    dz : (N, K) in z's dtype, not averaged over the batch
+
+    Notes
+    -----
+    Mathematically equal to ``cross_entropy_dlogits``; numerically it is the
+    float32 gradient of the papers. Where the softmax saturates (p_y == 1.0 in
+    float32 while some other p_j > 0) the entry at y is exactly 0 instead of
+    ``-sum_{j != y} p_j``; everywhere else the two agree to rounding.
+    """
+    p, _ = softmax_forward(z, T)                 # p = softmax(z / T), in z's dtype
+    dz = p - t.astype(p.dtype, copy=False)       # p_y - 1 is exactly 0 once p_y rounds to 1.0
     dz = dz / T                                  # the temperature: d(z / T)/dz = 1 / T
     return dz

@@ -15,6 +15,7 @@ from scratchnet.attacks.magnitudes import float64_copy, log10_loss_grad_norms, l
 from scratchnet.attacks.sources import (attack_gradient, jacobian, loss_dlogits, loss_gradient,
                                         objective_gradient, vjps)
 from scratchnet.attacks.jsma import saliency_pairs
+from kernels.reference import jsma_pair_search as reference_pair_search
 from scratchnet.gradcheck import assert_close_gradients, numerical_vjp
 from scratchnet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from scratchnet.losses import softmax_cross_entropy
@@ -296,7 +297,9 @@ def test_saliency_pairs_scaling_survives_tiny_float32_gradients():
 
 def test_saliency_pair_memory_is_bounded_by_the_chunk_not_the_batch():
     """The (P x P) tables exist for pair_chunk images at a time: the peak grows with the
-    chunk, not with the number of images (documented: about 8 bytes x P^2 x chunk)."""
+    chunk, not with the number of images (documented: about 8 bytes x P^2 x chunk).
+    This is the NumPy / CuPy search (the reference, run on the GPU); the CPU kernel
+    forms no tables."""
     rng = np.random.default_rng(0)
     P = 400
     peaks = {}
@@ -305,7 +308,7 @@ def test_saliency_pair_memory_is_bounded_by_the_chunk_not_the_batch():
         b = -a + 0.1 * rng.standard_normal((n, P)).astype(np.float32)
         dom = np.ones((n, P), bool)
         tracemalloc.start()
-        saliency_pairs(a, b, dom, pair_chunk=chunk)
+        reference_pair_search(a, b, dom, pair_chunk=chunk)
         peaks[n, chunk] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[32, 2] < 1.5 * peaks[4, 2], peaks             # 8x the images, same peak

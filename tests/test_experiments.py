@@ -192,13 +192,3 @@ def test_scripts_are_thin_and_never_import_each_other():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert imported == {"scratchnet"}, (f, imported)
         assert len(tree.body) <= 4, f"{f} holds logic; it belongs in scratchnet/study"
-
-
-def test_wilson_interval_edges():
-    """0 of n and n of n give bounds of exactly 0 and 1 (error bars must never be negative)."""
-    lo, hi = distillation_vs_temperature.wilson(0, 270)
-    assert lo == 0.0 and 0 < hi < 0.02
-    lo, hi = distillation_vs_temperature.wilson(270, 270)
-    assert hi == 1.0 and 0.98 < lo < 1
-    lo, hi = distillation_vs_temperature.wilson(4, 270)
-    assert lo < 4 / 270 < hi

@@ -91,6 +91,8 @@ class AttackResult:
     l0, l2, linf : distortions (see ``distortions``)
     iterations : gradient steps taken per image
     gradient_evals : backward passes (vector-Jacobian products) per image
+    formulation : "exact" or "paper" (the published float32 arithmetic, see
+        ``fgsm`` and ``jsma``), or None for an attack with only one (C&W)
     """
     attack: str
     wrt: str
@@ -109,6 +111,7 @@ class AttackResult:
     iterations: np.ndarray
     gradient_evals: np.ndarray
     extra: dict = field(default_factory=dict)
+    formulation: object = None
 
     @property
     def targeted(self):
@@ -131,7 +134,8 @@ class AttackResult:
         n_ok, n_won = int(ok.sum()), int(won.sum())
         goal = "reached their target class" if self.targeted else "changed the prediction"
         out = {
-            "attack": self.attack, "wrt": self.wrt, "T": self.T, "targeted": self.targeted,
+            "attack": self.attack, "wrt": self.wrt, "T": self.T, "formulation": self.formulation,
+            "targeted": self.targeted,
             "n_images": int(len(self.labels)), "n_correct": n_ok, "n_success": n_won,
             "success_rate": (n_won / n_ok) if n_ok else float("nan"),
             "untargeted_success_rate": (int((self.success & ok).sum()) / n_ok) if n_ok else float("nan"),
@@ -158,7 +162,7 @@ class AttackResult:
 
 
 def make_result(attack, wrt, T, params, model, x, x_adv, labels, targets, pred_before,
-                iterations, gradient_evals, extra=None):
+                iterations, gradient_evals, extra=None, formulation=None):
     """Measure x_adv (predictions, success, distortions) and build the record."""
     xp = get_array_module(x_adv)
     pred_after = model.predict(xp.asarray(x_adv))
@@ -171,4 +175,5 @@ def make_result(attack, wrt, T, params, model, x, x_adv, labels, targets, pred_b
         success=pred_after != labels,
         target_reached=None if targets is None else pred_after == targets,
         l0=l0, l2=l2, linf=linf, iterations=to_numpy(iterations).astype(np.int64),
-        gradient_evals=to_numpy(gradient_evals).astype(np.int64), extra=extra or {})
+        gradient_evals=to_numpy(gradient_evals).astype(np.int64), extra=extra or {},
+        formulation=formulation)

@@ -10,6 +10,10 @@ gradient descent (PGD, the same with a random start)::
 is the one ``sources.attack_dlogits`` tabulates for ``wrt``; the default is
 the loss at T = 1, as in the papers. An image stops moving as soon as the
 attack succeeds on it, so ``iterations`` is the number of steps it needed.
+
+``formulation`` ("exact" | "paper") picks how the loss gradient is evaluated,
+exactly as in ``fgsm``: cancellation-free, or ``softmax - onehot`` in the
+model's float32 as frameworks (and the papers) compute it.
 """
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,10 +22,11 @@ from ..backend import to_numpy
 from .common import batches, make_result, prepare
 from ..functional import check_T
 from .sources import attack_gradient, check_wrt
+from ..losses import check_formulation
 
 
 def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=1.0,
-        random_start=False, seed=0, batch_size=100, progress=False):
+        random_start=False, seed=0, batch_size=100, progress=False, formulation="exact"):
     """L-infinity BIM / PGD, batched.
 
     Parameters
@@ -34,6 +39,7 @@ def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=
     wrt, T : what is differentiated (see ``fgsm``)
     random_start : start from a uniform point in the eps-ball (PGD) instead of x (BIM)
     seed : for the random start
+    formulation : "exact" (default) or "paper", the loss gradient's (see ``fgsm``)
 
     Returns
     -------
@@ -41,6 +47,7 @@ def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=
     """
     check_wrt(wrt, who="PGD")
     T = check_T(T)
+    check_formulation(formulation, "PGD's loss gradient")
     if not (isinstance(eps, (int, float, np.floating)) and eps >= 0 and np.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if not (isinstance(steps, (int, np.integer)) and steps >= 1):
@@ -64,7 +71,7 @@ def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=
         for _ in range(steps):
             ix = xp.asarray(idx)
             t = None if targets is None else targets[ix]
-            g, z = attack_gradient(model, x_adv[ix], labels[ix], wrt, T, t)
+            g, z = attack_gradient(model, x_adv[ix], labels[ix], wrt, T, t, formulation)
             pred = z.argmax(axis=1)
             done = to_numpy((pred == t) if targets is not None else (pred != labels[ix]))
             active = ~done                      # images still to move
@@ -81,5 +88,5 @@ def pgd(model, x, labels, eps, step=None, steps=10, targets=None, wrt="loss", T=
     # pass that found success (not needed when all ``steps`` were used).
     gradient_evals = np.minimum(iterations + 1, steps)
     result = make_result("pgd", wrt, T, params, model, x, x_adv, labels, targets, pred_before,
-                         iterations=iterations, gradient_evals=gradient_evals)
+                         iterations=iterations, gradient_evals=gradient_evals, formulation=formulation)
     return result.x_adv, result

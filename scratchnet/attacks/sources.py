@@ -29,7 +29,8 @@ hold, is measured in log space by ``magnitudes.py``.
 from .. import functional as F
 from ..backend import get_array_module
 from ..functional import check_T
-from ..losses import check_labels, cross_entropy_dlogits, one_hot
+from ..losses import (check_formulation, check_labels, cross_entropy_dlogits, one_hot,
+                      softmax_minus_onehot_dlogits)
 
 WRT_CHOICES = ("probs", "logits", "loss")
 
@@ -45,7 +46,7 @@ def check_wrt(wrt, allowed=WRT_CHOICES, who="this attack"):
 
 # ===== from a cotangent on an output to a cotangent on the logits =====
 
-def loss_dlogits(z, labels, T=1.0):
+def loss_dlogits(z, labels, T=1.0, formulation="exact"):
     """Per-image gradient of the cross-entropy of softmax(z / T) w.r.t. z.
 
     Parameters
@@ -53,6 +54,8 @@ def loss_dlogits(z, labels, T=1.0):
     z : (N, K) logits
     labels : (N,) int, the class whose cross-entropy is measured
     T : float > 0
+    formulation : "exact" (below) or "paper": ``softmax(z / T) - onehot`` in z's
+        dtype, as frameworks compute it (``losses.softmax_minus_onehot_dlogits``)
 
     Returns
     -------
@@ -63,7 +66,10 @@ def loss_dlogits(z, labels, T=1.0):
     two numbers near 1 are subtracted: the gradient of a saturated image keeps
     its true tiny size as long as the other probabilities do not underflow.
     """
-    t = one_hot(labels, z.shape[1], get_array_module(z), z.dtype)
+    xp = get_array_module(z)
+    t = one_hot(labels, z.shape[1], xp, z.dtype)
+    if check_formulation(formulation, "the loss gradient") == "paper":
+        return softmax_minus_onehot_dlogits(z, t, T)          # p_y - 1 cancels to 0 once p_y == 1.0
     return cross_entropy_dlogits(F.log_softmax(z, T), t, T)   # (p - onehot) / T: the 1/T is inside
 
 
@@ -180,7 +186,7 @@ def objective_gradient(model, x, objective):
     return input_backward(model, dz), values, z
 
 
-def attack_dlogits(z, labels, wrt, T=1.0, targets=None):
+def attack_dlogits(z, labels, wrt, T=1.0, targets=None, formulation="exact"):
     """The logits cotangent of the objective an FGSM / PGD step *increases*.
 
     =========  ===================================  ==================================
@@ -190,6 +196,9 @@ def attack_dlogits(z, labels, wrt, T=1.0, targets=None):
     probs      -softmax(z / T)_y                      softmax(z / T)_t
     logits     max_{j != y} z_j - z_y                 z_t - max_{j != t} z_j
     =========  ===================================  ==================================
+
+    ``formulation`` ("exact" | "paper") picks the loss gradient (see ``loss_dlogits``);
+    probabilities and logits have one formulation, so it does not change them.
     """
     xp = get_array_module(z)
     N, K = z.shape
@@ -198,7 +207,7 @@ def attack_dlogits(z, labels, wrt, T=1.0, targets=None):
     else:
         cls, sign = targets, +1                  # pull the target class up
     if wrt == "loss":
-        return -sign * loss_dlogits(z, cls, T)
+        return -sign * loss_dlogits(z, cls, T, formulation)
     e = one_hot(cls, K, xp, z.dtype)
     if wrt == "probs":
         return probs_dlogits(z, sign * e, T)
@@ -209,7 +218,7 @@ def attack_dlogits(z, labels, wrt, T=1.0, targets=None):
     raise ValueError(f"wrt must be one of {WRT_CHOICES}, got {wrt!r}")
 
 
-def attack_gradient(model, x, labels, wrt="loss", T=1.0, targets=None):
+def attack_gradient(model, x, labels, wrt="loss", T=1.0, targets=None, formulation="exact"):
     """Input gradient of the objective in ``attack_dlogits`` (to be increased).
 
     Returns
@@ -219,4 +228,4 @@ def attack_gradient(model, x, labels, wrt="loss", T=1.0, targets=None):
     check_wrt(wrt)
     T = check_T(T)
     z = model.logits(x)
-    return input_backward(model, attack_dlogits(z, labels, wrt, T, targets)), z
+    return input_backward(model, attack_dlogits(z, labels, wrt, T, targets, formulation)), z

@@ -48,6 +48,7 @@ import numpy as np
 
 from ..cli import UsageError
 from . import attack_vs_T, common, grad_vs_T
+from ..stats import t_interval, wilson
 
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": grad_vs_T.QUICK["n"], "seeds": [0],
          "n_jsma": attack_vs_T.QUICK["n"]}
@@ -61,31 +62,6 @@ COLUMNS = ["measure", "T", "temperature_mean", "temperature_lo", "temperature_hi
 
 
 # ===== confidence intervals =====
-
-def wilson(k, n, z=1.96):
-    """95 % Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # at k = 0 (or k = n) the bound is exactly 0 (or 1): say so, rather than let
-    # rounding put it a hair above (below) the observed proportion
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return lo, hi
-
-
-def t_interval(values):
-    """95 % t-interval of the mean of a few per-seed values."""
-    from scipy import stats
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return m, m - half, m + half
-
 
 def interval(per_seed):
     """(mean, lo, hi, kind) from per-seed dicts {"value", and "k", "n" for proportions}.
