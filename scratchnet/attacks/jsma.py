@@ -41,8 +41,8 @@ same in both; only the arithmetic of step 2 differs):
     implementations compute it: the products A * |B| of the raw gradients, in
     the model's dtype, kept only when strictly above the starting best of 0.
     Where every admissible product underflows, all scores tie at 0, no pair is
-    chosen and the search ends (counted in ``empty_saliency``). (cleverhans's
-    float32 version takes the argmax of that all-zero table instead: pixel 0
+    chosen and the search ends (counted in ``empty_saliency``). (Some float32
+    implementations take the argmax of that all-zero table instead: pixel 0
     paired with itself, so it raises the first pixel and then stalls until its
     iteration cap; the same failure, one pixel apart.) It exists to reproduce
     the published attack's success rates like for like.
