@@ -15,7 +15,7 @@ The sign hides the gradient's *size*, so FGSM only fails where the gradient is
 high T and deployed at T = 1 that is what float32 gives for most images.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from .common import batches, make_result, prepare
 from ..functional import check_T

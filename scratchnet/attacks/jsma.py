@@ -40,7 +40,7 @@ and iteration; 66 MiB traced peak at batch 100.
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from ..backend import get_array_module, to_numpy
 from .common import batches, make_result, prepare

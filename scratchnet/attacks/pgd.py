@@ -12,7 +12,7 @@ the loss at T = 1, as in the papers. An image stops moving as soon as the
 attack succeeds on it, so ``iterations`` is the number of steps it needed.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from ..backend import to_numpy
 from .common import batches, make_result, prepare
