@@ -150,7 +150,7 @@ def _stat(path):
     """What identifies the file at ``path`` now (None when there is none)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:                        # absent, or its folder is not a folder
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
 

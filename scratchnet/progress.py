@@ -19,11 +19,12 @@ import time
 
 from tqdm import std as _std
 from tqdm.auto import tqdm as _auto_tqdm
+from tqdm.autonotebook import tqdm as _notebook_or_std
 
 LOG_EVERY = 60.0          # seconds between two progress lines when the output is not a terminal
 
-# tqdm.auto is the notebook widget inside Jupyter (not a terminal, but no flood either)
-_NOTEBOOK = _auto_tqdm is not _std.tqdm
+# inside Jupyter tqdm draws a widget: not a terminal, but no flood either
+_NOTEBOOK = _notebook_or_std is not _std.tqdm
 
 
 def on_terminal(stream=None):

@@ -66,9 +66,16 @@ weights themselves and the run never settles. Measured (the small network,
 (about 10 %) with no NaN to stop it; SGD reaches 67 % at lr 1 and chance at 10."""
 
 
+class SettingError(ValueError):
+    """A setting outside its rule: ``name`` must be ``rule``, got ``value``."""
+
+    def __init__(self, name, rule, value):
+        super().__init__(f"{name} must be {rule}, got {value!r}")
+        self.name, self.rule, self.value = name, rule, value
+
+
 def _number(value, name, kind):
-    """``value`` (a number, or the text of one) as a ``kind`` (float or int); a ValueError naming ``name``."""
-    what = "an integer" if kind is int else "a number"
+    """``value`` (a number, or the text of one) as a ``kind`` (float or int); a SettingError naming ``name``."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -76,32 +83,32 @@ def _number(value, name, kind):
         if kind is int and not isinstance(value, str) and number != value:
             raise ValueError                         # 2.5 epochs: not silently 2
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+        raise SettingError(name, "an integer" if kind is int else "a number", value) from None
     return number
 
 
 def check_learning_rate(lr, name="lr"):
-    """The peak learning rate as a float; a ValueError unless it is finite, > 0 and <= ``MAX_LR``."""
+    """The peak learning rate as a float; a SettingError unless it is finite, > 0 and <= ``MAX_LR``."""
     value = _number(lr, name, float)
     if not (math.isfinite(value) and 0 < value <= MAX_LR):
-        raise ValueError(f"{name} must be a finite number > 0 and at most {MAX_LR:g} (a larger step than "
-                         f"the weights themselves never settles), got {lr!r}")
+        raise SettingError(name, f"a finite number > 0 and at most {MAX_LR:g} (a larger step than the weights "
+                                 f"themselves never settles)", lr)
     return value
 
 
 def check_positive_int(value, name):
-    """A count (epochs, a batch size, a number of images) as an int; a ValueError unless it is >= 1."""
+    """A count (epochs, a batch size, a number of images) as an int; a SettingError unless it is >= 1."""
     number = _number(value, name, int)
     if number < 1:
-        raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+        raise SettingError(name, "a positive integer", value)
     return number
 
 
 def check_seed(seed, name="seed"):
-    """A random seed as an int; a ValueError unless it is >= 0 (NumPy's seeds are non-negative)."""
+    """A random seed as an int; a SettingError unless it is >= 0 (NumPy's seeds are non-negative)."""
     number = _number(seed, name, int)
     if number < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
+        raise SettingError(name, "an integer >= 0", seed)
     return number
 
 

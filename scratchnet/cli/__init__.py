@@ -83,11 +83,12 @@ def fraction(text):
 
 
 def _checked(check, text):
-    """Run one of the library's checks on the text of an option: its ValueError becomes argparse's."""
+    """Run one of the library's checks on the text of an option; its rule becomes argparse's message."""
+    from ..training import SettingError
     try:
         return check(text, "value")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except SettingError as e:
+        raise argparse.ArgumentTypeError(f"expected {e.rule}, got {text}") from None
 
 
 def positive_int(text):

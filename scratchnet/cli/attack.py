@@ -84,10 +84,12 @@ def temperature_or_train(text):
     """argparse type for ``--T``: a temperature (``temperature``), or "train" (the model's training T)."""
     if str(text).lower() == "train":
         return "train"
+    from ..functional import T_MAX, T_MIN
     try:
         return temperature(text)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"expected 'train' or a number: {e}") from None
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'train', got {text!r} (a number from "
+                                         f"{T_MIN:g} to {T_MAX:g}: what float32 softmax(z / T) can resolve)") from None
 
 
 def _check(cond, message):
