@@ -10,6 +10,7 @@ Only files the cache itself names (``cache.ENTRY_NAME``: ``KEY.npz`` models and
 removed; a pattern is matched against those file names, never used as a path.
 The cache and its naming: ``scratchnet/cache.py``.
 """
+import argparse
 import fnmatch
 import os
 
@@ -21,10 +22,9 @@ def add_parser(sub):
     p = sub.add_parser("models", help="list the cached models, or remove some",
                        description="List the trained models in the cache (recipe, T, seed, test accuracy, size, "
                                    "path) and the checkpoints of unfinished runs, or remove some of them.")
-    p.add_argument("--cache-dir", default=None,
-                   help="model cache folder (default $SCRATCHNET_CACHE, then ~/.cache/scratchnet/models)")
+    _cache_option(p, None)
     actions = p.add_subparsers(dest="action", metavar="{list,remove}", parser_class=type(p))
-    actions.add_parser("list", help="list the cached models and unfinished runs (the default)")
+    _cache_option(actions.add_parser("list", help="list the cached models and unfinished runs (the default)"))
     remove = actions.add_parser(
         "remove", help="remove cached models and checkpoints by name pattern",
         description="Remove cached models and checkpoints whose file names match a pattern "
@@ -33,7 +33,14 @@ def add_parser(sub):
                         help="file-name pattern, e.g. 'temperature-T100-*' (quote it from the shell)")
     remove.add_argument("--all", action="store_true", help="every model and checkpoint in the cache")
     remove.add_argument("--yes", action="store_true", help="really remove them")
+    _cache_option(remove)
     p.set_defaults(run=run)
+
+
+def _cache_option(parser, default=argparse.SUPPRESS):
+    """``--cache-dir``, before or after the action (an action's own copy only sets it when given)."""
+    parser.add_argument("--cache-dir", default=default,
+                        help="model cache folder (default $SCRATCHNET_CACHE, then ~/.cache/scratchnet/models)")
 
 
 def _size(nbytes):
