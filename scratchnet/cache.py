@@ -44,7 +44,7 @@ from .data import load_mnist
 from .checkpoint import read_progress
 from .files import WriteError, check_writable, exclusive_lock, remove_stale_temporaries
 from .model import ModelFileError, load, read_metadata, save
-from .training import OPTIMIZERS, TrainingDivergedError
+from .training import TrainingDivergedError
 
 ENV_VAR = "SCRATCHNET_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "scratchnet", "models")
