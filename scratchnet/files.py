@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 try:
     import fcntl                          # POSIX; see exclusive_lock
@@ -175,20 +176,19 @@ def exclusive_lock(path, on_wait=None):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)      # the umask applies
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None and not waited:
-                    on_wait(_lock_holder(fd))
-                waited = True
-                fcntl.flock(fd, fcntl.LOCK_EX)                  # Ctrl-C interrupts the wait
-            try:
-                ours = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                ours = False
-        except BaseException:
+            waited = _flock(fd, None if waited else on_wait) or waited
+        except BaseException as e:
             os.close(fd)
-            raise
+            if isinstance(e, OSError):        # a file system without locks (ENOLCK): run unlocked
+                warnings.warn(f"cannot lock {path} ({_reason(e)}): another process asking for the same "
+                              f"file may do the same work at the same time")
+                yield
+                return
+            raise                             # Ctrl-C while waiting
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            ours = False
         if ours:
             break
         os.close(fd)                          # locked a file its holder had already deleted: again
@@ -200,6 +200,19 @@ def exclusive_lock(path, on_wait=None):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)                   # first, so nobody locks a file that is going away
         os.close(fd)                          # releases the lock
+
+
+def _flock(fd, on_wait):
+    """Lock ``fd`` exclusively; if another holds it, call ``on_wait(pid)`` (when given) and wait.
+    Returns True when it had to wait."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        if on_wait is not None:
+            on_wait(_lock_holder(fd))
+        fcntl.flock(fd, fcntl.LOCK_EX)       # blocks; Ctrl-C interrupts it
+        return True
 
 
 def _lock_holder(fd):

@@ -203,3 +203,14 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
     with files.exclusive_lock(tmp_path / "x.lock", on_wait=waited_for.append):
         assert (tmp_path / "x.lock").read_text().strip() == str(os.getpid())
     assert waited_for == []
+
+
+def test_a_file_system_without_locks_runs_the_block_unlocked_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(UserWarning, match="cannot lock .*x.lock \\(No locks available\\)"):
+        with files.exclusive_lock(tmp_path / "x.lock"):
+            ran.append(True)
+    assert ran == [True]
