@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from . import files
+from .progress import tqdm, write
 
 # The four files, by role.
 FILES = {
@@ -206,20 +208,14 @@ def _folder_error(folder, source, error):
 
 
 def check_writable(folder, source="--data-dir"):
-    """Create ``folder`` if needed and write (then delete) a file in it.
-
-    A real attempt, not ``os.access``: it is the only test that sees read-only
-    mounts, full disks and the privileges of whoever runs it.
+    """Create ``folder`` if needed and write (then delete) a file in it (``files.check_writable``).
 
     Raises
     ------
     DataFolderError naming the folder, ``source`` and the reason (the errno text).
     """
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
+        files.check_writable(folder)
     except OSError as e:
         raise _folder_error(folder, source, e) from None
 
@@ -295,7 +291,7 @@ def find_mnist(data_dir=None, download=True, mirrors=None, opener=None, progress
         raise DataNotFoundError(f"MNIST files missing from {folder} (from {source}): {', '.join(missing)}; {how}")
     check_writable(folder, source)       # one clear reason before any network traffic
     if progress:
-        tqdm.write(f"MNIST: downloading {len(missing)} file(s) into {folder} (from {source})", file=sys.stderr)
+        write(f"MNIST: downloading {len(missing)} file(s) into {folder} (from {source})", file=sys.stderr)
     for name in missing:
         try:
             download_file(name, folder, mirrors=mirrors, opener=opener, progress=progress)

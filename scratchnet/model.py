@@ -392,6 +392,24 @@ def _json_entry(arrays, key, path, expected_type):
     return decoded
 
 
+def read_metadata(path):
+    """The metadata dict of the model file at ``path``, reading nothing else (no weights).
+
+    For listing many files quickly; ``load`` is what checks a model whole.
+    Raises ModelFileError for a file that is not a readable scratchnet model.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("__format__", "__metadata__") if k in f.files}
+    except Exception as e:
+        raise ModelFileError(f"cannot read model file {path} ({type(e).__name__}: {_one_line(e)})") from None
+    tag = arrays.pop("__format__", None)
+    if tag is None or tag.shape != () or tag.dtype.kind != "U" or str(tag) != FORMAT:
+        raise ModelFileError(f"{path} is not a scratchnet model")
+    return _json_entry(arrays, "__metadata__", path, dict)
+
+
 def load(path, device="cpu"):
     """Rebuild a model saved by ``save``; returns (model, metadata dict).
 

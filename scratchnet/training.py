@@ -26,14 +26,15 @@ continues exactly as the uninterrupted run would have.
 Which network is trained on what, at which T (the recipes): ``recipes.py``.
 """
 import math
+import os
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
-
 from . import checkpoint as ckpt
 from . import functional as F
+from . import progress as P
 from .backend import to_device, to_numpy
+from .files import check_free_space
 from .layers import Dropout
 from .functional import logit_margins
 from .losses import check_labels, softmax_cross_entropy
@@ -46,6 +47,87 @@ DEFAULT_EPOCHS = 5
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; nothing is saved."""
+
+
+# ===== the settings' limits =====
+#
+# The one home of the numeric rules for training settings: the loop and the
+# model cache check a library caller's values with these, and the command
+# line's argument types (``scratchnet/cli/__init__.py``) call the same
+# functions, so a value is refused with the same words wherever it comes from.
+# The temperature's limits are ``functional.check_T``'s.
+
+MAX_LR = 1.0
+"""The largest peak learning rate accepted. Adam moves every weight by about
+lr per step (its step m / sqrt(v) is about +-1 per weight), and the weights
+start at 0.03 to 0.3 in size: at lr = 1 a step is already several times the
+weights themselves and the run cannot settle, and beyond it nothing is
+learned, yet nothing turns NaN either, so no later check would stop such a
+run. Measured (the small network, 2 epochs on 3,000 images, T = 1): Adam at
+lr 1, 10 and 1e6 ends at chance (about 10 %, final loss 2.3 to 3.6e5, never
+NaN); SGD reaches 67 % at lr 1 and chance at 10, which is why the limit is 1
+and not lower."""
+
+
+class SettingError(ValueError):
+    """A setting outside its rule: ``name`` must be ``rule``, got ``value``."""
+
+    def __init__(self, name, rule, value):
+        super().__init__(f"{name} must be {rule}, got {value!r}")
+        self.name, self.rule, self.value = name, rule, value
+
+
+def _number(value, name, kind):
+    """``value`` (a number, or the text of one) as a ``kind`` (float or int); a SettingError naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = kind(value.strip() if isinstance(value, str) else value)
+        if kind is int and not isinstance(value, str) and number != value:
+            raise ValueError                         # 2.5 epochs: not silently 2
+    except (TypeError, ValueError, OverflowError):
+        raise SettingError(name, "an integer" if kind is int else "a number", value) from None
+    return number
+
+
+def check_learning_rate(lr, name="lr"):
+    """The peak learning rate as a float; a SettingError unless it is finite, > 0 and <= ``MAX_LR``."""
+    value = _number(lr, name, float)
+    if not (math.isfinite(value) and 0 < value <= MAX_LR):
+        raise SettingError(name, f"a finite number > 0 and at most {MAX_LR:g} (a larger step than the weights "
+                                 f"themselves never settles)", lr)
+    return value
+
+
+def check_positive_int(value, name):
+    """A count (epochs, a batch size, a number of images) as an int; a SettingError unless it is >= 1."""
+    number = _number(value, name, int)
+    if number < 1:
+        raise SettingError(name, "a positive integer", value)
+    return number
+
+
+def check_seed(seed, name="seed"):
+    """A random seed as an int; a SettingError unless it is >= 0 (NumPy's seeds are non-negative)."""
+    number = _number(seed, name, int)
+    if number < 0:
+        raise SettingError(name, "an integer >= 0", seed)
+    return number
+
+
+def check_settings(T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0, optimizer="adam", lr=None,
+                   warmup_steps=None):
+    """Every numeric setting of a training run, checked before any work.
+
+    Returns the values as plain Python numbers (``lr`` and ``warmup_steps``
+    stay None when not given). Raises a ValueError naming the first bad one.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    return {"T": F.check_T(T), "epochs": check_positive_int(epochs, "epochs"),
+            "batch_size": check_positive_int(batch_size, "batch_size"), "seed": check_seed(seed),
+            "optimizer": optimizer, "lr": None if lr is None else check_learning_rate(lr),
+            "warmup_steps": None if warmup_steps is None else check_positive_int(warmup_steps, "warmup_steps")}
 
 
 # ===== learning-rate schedule =====
@@ -96,14 +178,7 @@ def _reseed_dropout(model, seed):
             layer.reseed(seed)
 
 
-def _check_training_inputs(model, x, y, T, epochs, batch_size, optimizer):
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-    F.check_T(T)
-    if int(epochs) != epochs or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def _check_training_inputs(model, x, y):
     if getattr(x, "ndim", 0) != 4:
         raise ValueError(f"x must be images of shape (N, C, H, W), got shape {getattr(x, 'shape', type(x).__name__)}")
     if y.ndim != 1 and y.ndim != 2:
@@ -133,7 +208,8 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
     val : optional (x_val, y_val) for a validation accuracy after each epoch
     checkpoint : optional path; written after every epoch, and a matching one
         is resumed from (a checkpoint from different settings is ignored)
-    progress : show a tqdm bar per epoch with loss and accuracy
+    progress : show progress (``progress.py``): a bar per epoch on a terminal, and
+        one line per epoch with loss and accuracy
     desc : label for the progress bars
 
     Returns
@@ -142,28 +218,39 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
 
     Raises
     ------
-    TrainingDivergedError when the loss or the weights become NaN or infinite.
+    ValueError for a bad setting (``check_settings``), before any work;
+    TrainingDivergedError when the loss or the weights become NaN or infinite;
+    OSError (``files.WriteError``) when the checkpoint folder lacks the room
+    for the run, before the first epoch, or a checkpoint cannot be written
+    (the last good one is kept).
     """
-    _check_training_inputs(model, x, y, T, epochs, batch_size, optimizer)
-    T = float(T)
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    checked = check_settings(T, epochs, batch_size, seed, optimizer, lr, warmup_steps)
+    T, epochs, batch_size, seed = checked["T"], checked["epochs"], checked["batch_size"], checked["seed"]
+    _check_training_inputs(model, x, y)
+    lr = DEFAULT_LR[optimizer] if checked["lr"] is None else checked["lr"]
     N = len(x)
     steps_per_epoch = math.ceil(N / batch_size)
     total_steps = epochs * steps_per_epoch
-    warmup_steps = max(1, total_steps // 10) if warmup_steps is None else max(1, int(warmup_steps))
+    warmup_steps = max(1, total_steps // 10) if warmup_steps is None else checked["warmup_steps"]
     device = _device_of(model)
     opt, lr_factor = make_optimizer(model, optimizer, T)
     settings = {"T": T, "epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
                 "lr": lr, "warmup_steps": warmup_steps, "N": N, "soft_targets": bool(y.ndim == 2)}
 
     history, start_epoch = [], 0
-    state = ckpt.load_checkpoint(checkpoint)
+    if checkpoint:
+        # before the first epoch, not after it: room for two checkpoints (the last good
+        # one stays until the next is complete) and the finished model beside them
+        check_free_space(os.path.dirname(os.path.abspath(checkpoint)),
+                         2 * ckpt.checkpoint_bytes(model, optimizer) + ckpt.checkpoint_bytes(model, None),
+                         "the checkpoint folder")
+    state = ckpt.load_checkpoint(checkpoint)   # None if absent, damaged (with a warning) or of another run
     if state is not None and state["settings"] == settings and set(state["params"]) == set(model.params):
         model.set_params({k: to_device(v, device) for k, v in state["params"].items()})
         ckpt.restore_optimizer(opt, state["optimizer"], state["optimizer_scalars"], device)
         history, start_epoch = state["history"], state["epoch"]
         if progress:
-            tqdm.write(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
+            P.write(f"{desc}: resuming from {checkpoint} after epoch {start_epoch} of {epochs}")
 
     hard_labels = y if y.ndim == 1 else y.argmax(axis=1)
     for epoch in range(start_epoch, epochs):
@@ -171,8 +258,8 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
         order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(N)
         _reseed_dropout(model, _epoch_seed(seed, epoch))
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False, unit="batch")
+        bar = P.tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                     disable=not progress, leave=False, unit="batch")
         for i in bar:
             idx = order[i * batch_size:(i + 1) * batch_size]
             xb, yb = to_device(x[idx], device), to_device(y[idx], device)
@@ -203,7 +290,7 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
             record["val_accuracy"] = accuracy(model, *val)
         history.append(record)
         if progress:
-            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+            P.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
                        f"train acc {record['train_accuracy']:.4f}"
                        + (f", val acc {record['val_accuracy']:.4f}" if val is not None else "")
                        + f", {record['seconds']:.0f} s")

@@ -1,4 +1,6 @@
-"""The command line: help, error paths (one line, non-zero exit, no traceback), and a tiny train + evaluate."""
+"""The command line: help, error paths (one line, non-zero exit, no traceback), outputs checked
+before any work, ``scratchnet models``, and a tiny train + evaluate."""
+import errno
 import os
 import subprocess
 import sys
@@ -174,3 +176,132 @@ def test_train_then_evaluate_a_tiny_model(capsys, tmp_path):
     assert counts.sum() == 10000
     assert counts.sum(axis=1).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(np.trace(counts) / 100 - accuracy) < 0.01
+
+
+# ===== files the command will write are checked before any work =====
+
+def _no_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+    monkeypatch.setattr(D, "load_mnist", forbidden)
+    from scratchnet import recipes
+    monkeypatch.setattr(recipes, "train_recipe", forbidden)
+
+
+def _tiny_mnist():
+    """Random images in MNIST's shapes: for runs that must stop before training anyway."""
+    rng = np.random.default_rng(0)
+    x = lambda n: rng.random((n, 1, 28, 28), dtype=np.float32)
+    y = lambda n: rng.integers(0, 10, n)
+    return D.MNIST(x(64), y(64), x(16), y(16), x(16), y(16), "/nowhere", 0)
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "read-only"])
+def test_an_impossible_out_fails_before_any_work(capsys, tmp_path, monkeypatch, where):
+    _no_work(monkeypatch)
+    (tmp_path / "plain").write_text("a file")
+    out, reason = {"under a file": (tmp_path / "plain" / "m.npz", "output folder does not exist"),
+                   "a folder": (tmp_path, "is a folder"),
+                   "read-only": (tmp_path / "m.npz", "is not writable: Read-only file system")}[where]
+    if where == "read-only":
+        from scratchnet import files
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    status, _, err = run(capsys, "train", "--recipe", "standard", "--out", str(out))
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(status, err, "argument --out", reason)
+
+
+def test_a_cache_folder_that_cannot_take_files_fails_before_training(capsys, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    monkeypatch.setattr(D, "load_mnist", lambda *a, **k: _tiny_mnist())
+    (tmp_path / "plain").write_text("a file")
+    folder = tmp_path / "plain" / "models"
+    status, _, err = run(capsys, "train", "--recipe", "standard", "--architecture", "small",
+                         "--cache-dir", str(folder), "--quiet")
+    assert status == cli.EXIT_RUNTIME
+    assert_one_line_error(status, err, f"the model cache folder {folder} is not writable: Not a directory")
+
+
+# ===== scratchnet models =====
+
+@pytest.fixture
+def filled_cache(tmp_path):
+    """A cache folder with two models (one from an older training version), an unfinished run's
+    checkpoint, and two files that are not the cache's; plus a model outside the folder."""
+    from scratchnet import checkpoint, recipes
+    from scratchnet.cache import model_key
+    from scratchnet.model import save
+    from scratchnet.optim import Adam
+    folder = tmp_path / "models"
+    settings = {"architecture": "small", "batch_size": 128, "optimizer": "adam", "lr": None, "warmup_steps": None,
+                "train_size": None, "validation": 5000, "validation_seed": 0}
+    model = recipes.build_model("small", 0)
+    names = {}
+    for recipe, T, acc, version in (("temperature", 20.0, 0.9876, recipes.TRAINING_VERSION),
+                                    ("standard", 1.0, 0.9912, recipes.TRAINING_VERSION - 1)):
+        names[recipe] = model_key(recipe, T, 0, 5, settings) + ".npz"
+        save(model, folder / names[recipe], {"recipe": recipe, "T": T, "seed": 0, "epochs": 5,
+                                             "test_accuracy": acc, "training_version": version})
+    names["checkpoint"] = model_key("distilled", 100.0, 1, 5, settings) + ".ckpt.npz"
+    checkpoint.save_checkpoint(str(folder / names["checkpoint"]), model, Adam(model), 2, [], {})
+    (folder / "notes.txt").write_text("mine")
+    save(model, folder / "my-own-model.npz")
+    save(model, tmp_path / "outside-temperature-T20.npz")
+    return folder, names
+
+
+def test_models_lists_recipe_T_seed_accuracy_size_and_path(capsys, filled_cache):
+    folder, names = filled_cache
+    status, out, err = run(capsys, "models", "--cache-dir", str(folder))
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"model cache {folder}: 2 model(s), 1 unfinished run(s), ")
+    row = next(line for line in lines if names["temperature"] in line).split()
+    assert row[:7] == ["temperature", "20", "0", "5", "small", "98.76", "%"]
+    assert row[8:] == ["MB", str(folder / names["temperature"])]
+    assert float(row[7]) == pytest.approx(os.path.getsize(folder / names["temperature"]) / 1e6, abs=0.06)
+    old = lines.index(next(line for line in lines if names["standard"] in line))
+    assert "training version 1" in lines[old + 1] and "never reused" in lines[old + 1]
+    assert any(names["checkpoint"] in line and "2/5 epochs" in line for line in lines)
+    assert "notes.txt" not in out and "my-own-model" not in out and "outside" not in out
+    status, out2, _ = run(capsys, "models", "list", "--cache-dir", str(folder))
+    assert status == 0 and out2 == out
+
+
+def test_models_remove_asks_for_yes_and_touches_only_the_cache_s_own_files(capsys, filled_cache):
+    folder, names = filled_cache
+    before = sorted(os.listdir(folder))
+    status, out, err = run(capsys, "models", "--cache-dir", str(folder), "remove", "temperature-*")
+    assert status == cli.EXIT_USAGE and sorted(os.listdir(folder)) == before
+    assert out.strip() == f"would remove {folder / names['temperature']}"
+    assert_one_line_error(status, err, "nothing removed: add --yes")
+
+    status, out, err = run(capsys, "models", "--cache-dir", str(folder), "remove", "temperature-*", "--yes")
+    assert status == 0, err
+    assert sorted(os.listdir(folder)) == sorted(set(before) - {names["temperature"]})
+
+    status, out, err = run(capsys, "models", "--cache-dir", str(folder), "remove", "--all", "--yes")
+    assert status == 0, err
+    assert sorted(os.listdir(folder)) == ["my-own-model.npz", "notes.txt"]     # not the cache's: kept
+    assert (folder.parent / "outside-temperature-T20.npz").exists()
+
+
+@pytest.mark.parametrize("pattern", ["../outside-*", "{outside}", "/etc/*"])
+def test_models_remove_never_reaches_outside_the_cache(capsys, filled_cache, pattern):
+    folder, _ = filled_cache
+    pattern = pattern.format(outside=folder.parent / "outside-temperature-T20.npz")
+    before = sorted(os.listdir(folder))
+    status, _, err = run(capsys, "models", "--cache-dir", str(folder), "remove", pattern, "--yes")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(status, err, "is not in the cache folder")
+    assert sorted(os.listdir(folder)) == before and (folder.parent / "outside-temperature-T20.npz").exists()
+
+
+def test_models_remove_with_no_match_fails(capsys, filled_cache):
+    folder, _ = filled_cache
+    status, _, err = run(capsys, "models", "--cache-dir", str(folder), "remove", "cw-*", "--yes")
+    assert status == cli.EXIT_RUNTIME
+    assert_one_line_error(status, err, "matches 'cw-*'")

@@ -192,3 +192,49 @@ def test_scripts_are_thin_and_never_import_each_other():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert imported == {"scratchnet"}, (f, imported)
         assert len(tree.body) <= 4, f"{f} holds logic; it belongs in scratchnet/study"
+
+
+# ===== a long run, interrupted =====
+
+def test_an_interrupted_study_resumes_with_nothing_finished_recomputed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the second model trains (its epoch 1 checkpointed): the rerun reads the first
+    model and its result, resumes the second from its checkpoint, and measures only the second.
+    A result file damaged afterwards is measured again, never read back."""
+    from scratchnet import checkpoint as CK
+    from scratchnet import cli
+    argv = ["grad_vs_T.py", "--T", "1", "20", "--recipes", "temperature", "--architecture", "small",
+            "--train-size", "500", "--epochs", "2", "--n", "20", "--no-progress",
+            "--cache-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--data-dir", mnist_dir()]
+    monkeypatch.setattr(sys, "argv", argv)
+    real_save, real_measure = CK.save_checkpoint, grad_vs_T.measure
+    trained, measured, ctrl_c = [], [], [True]
+
+    def save(path, model, opt, epoch, history, settings):
+        real_save(path, model, opt, epoch, history, settings)
+        trained.append((os.path.basename(path).split("-")[0], epoch))
+        if trained[-1] == ("temperature", 1) and ctrl_c[0]:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(CK, "save_checkpoint", save)
+    monkeypatch.setattr(grad_vs_T, "measure", lambda model, x, y, T, p: measured.append(T) or real_measure(model, x, y, T, p))
+
+    assert cli.run_guarded(grad_vs_T.main, "error: ") == cli.EXIT_INTERRUPTED
+    assert trained == [("standard", 1), ("standard", 2), ("temperature", 1)] and measured == [1.0]
+
+    trained.clear(), measured.clear()
+    ctrl_c[0] = False
+    capsys.readouterr()
+    assert cli.run_guarded(grad_vs_T.main, "error: ") == 0
+    assert trained == [("temperature", 2)]           # the standard model read, the other resumed
+    assert measured == [20.0]                         # the standard model's result read back
+    rows = read_csv(tmp_path / "out" / "grad_vs_T.csv")[1]
+    assert len(rows) == 8                             # 2 models x 2 sources x 2 quantities
+
+    # a result file cut short (not by scratchnet's writer, which cannot) is measured again
+    parts = tmp_path / "out" / "parts"
+    for part in parts.iterdir():
+        if '"T": 1.0' in part.read_text() or "standard-" in part.read_text():
+            part.write_text(part.read_text()[:50])
+    trained.clear(), measured.clear()
+    assert cli.run_guarded(grad_vs_T.main, "error: ") == 0
+    assert trained == [] and measured == [1.0]
+    assert read_csv(tmp_path / "out" / "grad_vs_T.csv")[1] == rows

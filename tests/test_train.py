@@ -3,6 +3,7 @@
 The recipe tests use the small network (``architecture="small"``): they are
 about the recipes, not the architecture, and it trains in seconds.
 """
+import errno
 import math
 import os
 
@@ -359,3 +360,253 @@ def test_the_training_version_is_in_the_key_and_an_older_entry_is_retrained(smal
         _, again = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
     assert "marker" not in again and again["training_version"] == recipes.TRAINING_VERSION
     assert "marker" not in load(meta["path"])[1]
+
+
+# ===== long runs: nothing silent, nothing lost, nothing done twice =====
+
+def _entry(data, tmp_path, recipe="standard", T=1.0, epochs=1):
+    """The cache's file names for the TINY settings: (model path, checkpoint path)."""
+    settings = {"architecture": "small", "batch_size": 128, "optimizer": "adam", "lr": 1e-2,
+                "warmup_steps": None, "train_size": None, "validation": len(data.val_x),
+                "validation_seed": data.validation_seed}
+    key = C.model_key(recipe, T, 0, epochs, settings)
+    return str(tmp_path / (key + ".npz")), str(tmp_path / (key + ".ckpt.npz"))
+
+
+def _count_epochs(monkeypatch):
+    """A list that grows by one for every epoch really trained (not resumed)."""
+    epochs = []
+    real = CK.save_checkpoint
+
+    def counting(path, model, opt, epoch, history, settings):
+        epochs.append(epoch)
+        return real(path, model, opt, epoch, history, settings)
+    monkeypatch.setattr(CK, "save_checkpoint", counting)
+    return epochs
+
+
+def test_a_cache_folder_that_cannot_take_files_fails_before_training(small, tmp_path, monkeypatch):
+    (tmp_path / "plain").write_text("a file, not a folder")
+    folder = tmp_path / "plain" / "models"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the cache folder was checked")
+    monkeypatch.setattr(recipes, "train_recipe", no_training)
+    with pytest.raises(OSError, match=f"the model cache folder {folder} is not writable: Not a directory"):
+        C.get_model("standard", 1.0, seed=0, data=_tiny(small), cache_dir=folder, **TINY)
+
+
+def test_too_little_room_for_the_checkpoints_fails_before_the_first_epoch(small, tmp_path, monkeypatch):
+    from scratchnet import files
+    import shutil
+    monkeypatch.setattr(files.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(total=10**9, used=10**9 - 10**5, free=10**5))
+    trained = _count_epochs(monkeypatch)
+    with pytest.raises(OSError, match=r"has 0.1 MB free; this run needs about [0-9.]+ MB"):
+        C.get_model("standard", 1.0, seed=0, data=_tiny(small), cache_dir=tmp_path, **TINY)
+    assert trained == [] and os.listdir(tmp_path) == []
+
+
+def _disk_full_for(monkeypatch, module):
+    """From now on, every write through ``module.save_npz_atomic`` fails inside the atomic
+    writer as on a full disk (ENOSPC while the bytes go out)."""
+    from scratchnet import files
+
+    def no_space(f, **arrays):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full(path, arrays):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(files.np, "savez", no_space)
+            files.save_npz_atomic(path, arrays)
+    monkeypatch.setattr(module, "save_npz_atomic", full)
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_keeps_the_last_good_one_and_the_rerun_resumes(
+        small, tmp_path, monkeypatch):
+    data = _tiny(small)
+    run = dict(TINY, epochs=2)
+    model_path, checkpoint = _entry(data, tmp_path, epochs=2)
+    trained = _count_epochs(monkeypatch)
+    real_save = CK.save_checkpoint
+
+    def full_after_epoch_1(path, model, opt, epoch, history, settings):
+        if epoch == 2:
+            _disk_full_for(monkeypatch, CK)                   # the disk fills up during epoch 2
+        return real_save(path, model, opt, epoch, history, settings)
+    monkeypatch.setattr(CK, "save_checkpoint", full_after_epoch_1)
+    with pytest.raises(OSError) as info:
+        C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **run)
+    assert str(info.value) == f"could not write {checkpoint}: No space left on device"
+    assert info.value.errno == errno.ENOSPC
+    assert CK.read_progress(checkpoint) == 1                     # epoch 1's checkpoint, whole
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(checkpoint)]   # no model, no temporary, no lock
+
+    monkeypatch.undo()
+    trained = _count_epochs(monkeypatch)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **run)
+    assert trained == [2]                                        # epoch 1 was not trained again
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(model_path)]
+
+
+def test_a_model_that_cannot_be_saved_keeps_its_weights_in_the_checkpoint(small, tmp_path, monkeypatch):
+    data = _tiny(small)
+    model_path, checkpoint = _entry(data, tmp_path)
+    import scratchnet.model
+    _disk_full_for(monkeypatch, scratchnet.model)     # the model's write fails, the checkpoints' do not
+    with pytest.raises(OSError) as info:
+        C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    message = str(info.value)
+    assert message.startswith(f"could not write {model_path}: No space left on device. "
+                              f"The trained weights are kept in {checkpoint}")
+    assert os.listdir(tmp_path) == [os.path.basename(checkpoint)] and CK.read_progress(checkpoint) == 1
+
+    monkeypatch.undo()
+    trained = _count_epochs(monkeypatch)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert trained == [] and meta["path"] == model_path          # saved without retraining
+    assert os.listdir(tmp_path) == [os.path.basename(model_path)]
+
+
+def test_a_run_that_diverges_in_a_later_epoch_leaves_nothing(small, tmp_path, monkeypatch):
+    data = _tiny(small)
+    real = training.softmax_cross_entropy
+    calls = []
+
+    def nan_in_epoch_2(z, y, T):
+        calls.append(1)
+        loss, dz = real(z, y, T)
+        return (math.nan if len(calls) > 4 else loss), dz       # 400 images: 4 batches an epoch
+    monkeypatch.setattr(training, "softmax_cross_entropy", nan_in_epoch_2)
+    with pytest.raises(training.TrainingDivergedError, match=r"loss became nan at epoch 2, batch 1.*nothing was cached"):
+        C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **dict(TINY, epochs=2))
+    assert os.listdir(tmp_path) == []                            # no model, no checkpoint to resume into NaN
+
+
+def test_a_damaged_checkpoint_is_reported_and_never_read(small, tmp_path):
+    data = _tiny(small)
+    _, checkpoint = _entry(data, tmp_path)
+    with open(checkpoint, "wb") as f:
+        f.write(b"PK\x03\x04 half a checkpoint")
+    with pytest.warns(UserWarning, match=f"ignoring unreadable checkpoint {checkpoint}"):
+        _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    assert [h["epoch"] for h in meta["history"]] == [1] and not os.path.exists(checkpoint)
+
+
+def test_an_interrupted_distilled_run_resumes_its_student_and_reuses_its_teacher(
+        small, tmp_path, monkeypatch, capsys):
+    data = _tiny(small)
+    run = dict(TINY, epochs=2, progress=True)
+    real_save = CK.save_checkpoint
+    students = []
+
+    def ctrl_c_after_the_students_first_epoch(path, model, opt, epoch, history, settings):
+        real_save(path, model, opt, epoch, history, settings)
+        if os.path.basename(path).startswith("distilled-"):
+            students.append(epoch)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(CK, "save_checkpoint", ctrl_c_after_the_students_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        C.get_model("distilled", 5.0, seed=0, data=data, cache_dir=tmp_path, **run)
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[0].startswith("distilled-") and names[0].endswith(".ckpt.npz")
+    assert names[1].startswith("temperature-T5-") and not names[1].endswith(".ckpt.npz")   # the finished teacher
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    trained = _count_epochs(monkeypatch)
+    _, meta = C.get_model("distilled", 5.0, seed=0, data=data, cache_dir=tmp_path, **run)
+    out = capsys.readouterr().out
+    assert trained == [2]                          # the teacher was read, the student's epoch 1 kept
+    assert "resuming from" in out and "after epoch 1 of 2" in out
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+
+
+KILLED_RUN = """
+import os, sys, time
+from scratchnet import cache, checkpoint
+from scratchnet.data import MNIST, load_mnist
+real = checkpoint.save_checkpoint
+
+def save_then_hang(path, *args):
+    real(path, *args)
+    open(sys.argv[2], "w").close()     # epoch 1 is saved: the parent may kill us now
+    time.sleep(600)
+checkpoint.save_checkpoint = save_then_hang
+d = load_mnist(sys.argv[3], validation=5000, download=False, progress=False)
+data = MNIST(d.train_x[:400], d.train_y[:400], d.val_x[:200], d.val_y[:200], d.test_x[:300], d.test_y[:300],
+             d.data_dir, d.validation_seed)
+cache.get_model("standard", 1.0, seed=0, epochs=2, architecture="small", lr=1e-2, data=data,
+                cache_dir=sys.argv[1], progress=False)
+"""
+
+
+def test_a_killed_run_resumes_and_its_lock_is_taken_over(small, tmp_path, monkeypatch, capsys):
+    """kill -9 right after epoch 1's checkpoint: the rerun resumes from it, does not wait for the
+    dead process's lock, and trains only epoch 2."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    saved = tmp_path / "saved"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "models"), str(saved), mnist_dir()],
+                             env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not saved.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the run never reached its checkpoint"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    left = sorted(os.listdir(tmp_path / "models"))
+    key = left[0].split(".")[0]
+    assert left == [key + ".ckpt.npz", key + ".lock"]         # epoch 1 kept; the dead process's lock
+
+    data = _tiny(small)
+    trained = _count_epochs(monkeypatch)
+    _, meta = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path / "models",
+                          **dict(TINY, epochs=2))
+    assert trained == [2] and "waiting for" not in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "models")) == [os.path.basename(meta["path"])]
+
+
+def test_two_requests_for_one_model_train_it_once(small, tmp_path, monkeypatch, capsys):
+    """Two threads ask for the same model: one trains, the other says whom it waits for and reads it."""
+    import threading
+    data = _tiny(small)
+    real_train = recipes.train_recipe
+    started, waiting = threading.Event(), threading.Event()
+    trainings = []
+
+    def train_slowly(*args, **kwargs):
+        trainings.append(threading.current_thread().name)
+        started.set()
+        assert waiting.wait(timeout=120), "the second request never waited"
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(recipes, "train_recipe", train_slowly)
+    real_say = C.say_waiting
+    monkeypatch.setattr(C, "say_waiting", lambda key, pid: (real_say(key, pid), waiting.set()))
+
+    results = {}
+
+    def ask(name):
+        results[name] = C.get_model("standard", 1.0, seed=0, data=data, cache_dir=tmp_path, **TINY)
+    first = threading.Thread(target=ask, args=("first",), name="first")
+    first.start()
+    assert started.wait(timeout=120)
+    second = threading.Thread(target=ask, args=("second",), name="second")
+    second.start()
+    first.join(timeout=300)
+    second.join(timeout=300)
+
+    assert trainings == ["first"]
+    (model_a, meta_a), (model_b, meta_b) = results["first"], results["second"]
+    assert meta_a["path"] == meta_b["path"]
+    np.testing.assert_array_equal(model_a["dense2.W"], model_b["dense2.W"])
+    err = capsys.readouterr().err
+    assert err.count("waiting for") == 1 and f"waiting for PID {os.getpid()}, which is training" in err
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(meta_a["path"])]     # the lock is gone

@@ -41,7 +41,7 @@ traces are kept in ``result.extra``.
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from .. import functional as F
 from ..backend import get_array_module, to_numpy

@@ -21,7 +21,7 @@ gradient is masked, which is why Carlini and Wagner attack the logits.
 Images where no adversarial example is found are returned unchanged.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from .. import functional as F
 from ..backend import get_array_module, to_numpy

@@ -25,7 +25,7 @@ plain mean is included only to show that pitfall.
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from .. import functional as F
 from ..backend import to_numpy

@@ -37,7 +37,7 @@ loss of a target the model gives a small p_t, so there the two coincide; the
 untargeted attack on a confidently classified image is where they part.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from .common import batches, make_result, prepare
 from ..functional import check_T

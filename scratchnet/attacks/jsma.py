@@ -74,7 +74,7 @@ dominate.
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 import kernels
 from ..backend import get_array_module, to_numpy

@@ -16,7 +16,7 @@ exactly as in ``fgsm``: cancellation-free, or ``softmax - onehot`` in the
 model's float32 as frameworks (and the papers) compute it.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
 from ..backend import to_numpy
 from .common import batches, make_result, prepare

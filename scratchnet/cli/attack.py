@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from . import (UsageError, data_options, device_option, fraction, nonnegative_float, nonnegative_int,
-               output_file, positive_float, positive_int)
+               output_file, positive_float, positive_int, random_seed, temperature)
 
 DEFAULT_WRT = {"fgsm": "loss", "pgd": "loss", "jsma": "probs", "cw": "logits"}
 ALLOWED_WRT = {"fgsm": ("probs", "logits", "loss"), "pgd": ("probs", "logits", "loss"),
@@ -68,7 +68,7 @@ def add_parser(sub):
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which images (default test)")
     data_options(parser)
     parser.add_argument("--batch-size", type=positive_int, default=100, help="images per pass (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="for random targets and pgd's random start")
+    parser.add_argument("--seed", type=random_seed, default=0, help="for random targets and pgd's random start")
     device_option(parser, "run")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the gradient diagnostics")
     parser.add_argument("--save", metavar="ADV.npz", type=output_file, default=None,
@@ -81,13 +81,15 @@ def add_parser(sub):
 
 
 def temperature_or_train(text):
-    """argparse type for ``--T``: a finite number > 0, or "train" (the model's training T)."""
+    """argparse type for ``--T``: a temperature (``temperature``), or "train" (the model's training T)."""
     if str(text).lower() == "train":
         return "train"
+    from ..functional import T_MAX, T_MIN
     try:
-        return positive_float(text)
-    except Exception:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'train', got {text!r}") from None
+        return temperature(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'train', got {text!r} (a number from "
+                                         f"{T_MIN:g} to {T_MAX:g}: what float32 softmax(z / T) can resolve)") from None
 
 
 def _check(cond, message):

@@ -4,7 +4,7 @@ The measurement is ``scratchnet.training.evaluate``.
 """
 import numpy as np
 
-from . import data_options, device_option, positive_float
+from . import data_options, device_option, temperature
 
 
 DESCRIPTION = ("Evaluate a saved model on the 10,000 MNIST test images at T = 1: accuracy, confusion "
@@ -17,7 +17,7 @@ def add_parser(sub):
     p = sub.add_parser("evaluate", help="test accuracy and softmax saturation of a saved model",
                        description=DESCRIPTION)
     p.add_argument("model", metavar="MODEL.npz", help="a model .npz written by 'scratchnet train'")
-    p.add_argument("--T", type=positive_float, default=1.0, help="deployment temperature (default 1)")
+    p.add_argument("--T", type=temperature, default=1.0, help="deployment temperature (default 1)")
     data_options(p)
     device_option(p, "evaluate")
     p.set_defaults(run=run)

@@ -3,13 +3,14 @@
 The recipes are ``scratchnet/recipes.py``; the cache that keeps every trained
 model once is ``scratchnet/cache.py``.
 """
-from . import UsageError, data_options, device_option, positive_float, positive_int
+from . import (UsageError, data_options, device_option, learning_rate, output_file, positive_int, random_seed,
+               temperature)
 
 
 def add_parser(sub):
     """Register ``train`` and its options."""
     from ..recipes import ARCHITECTURES, DEFAULT_EPOCHS, RECIPES
-    from ..training import DEFAULT_LR, OPTIMIZERS
+    from ..training import DEFAULT_LR, MAX_LR, OPTIMIZERS
     p = sub.add_parser(
         "train", help="train a model with one of the three recipes (or fetch it from the cache)",
         description="Train a model with one of the study's recipes and deploy it at T = 1. "
@@ -18,13 +19,16 @@ def add_parser(sub):
     p.add_argument("--recipe", required=True, choices=RECIPES,
                    help="standard: hard labels at T = 1; temperature: hard labels, loss on softmax(z / T); "
                         "distilled: a temperature-T teacher's softmax(z / T) as soft labels for a student trained at T")
-    p.add_argument("--T", type=positive_float, default=None,
-                   help="training temperature, > 0 (default 1; required to be 1 for standard)")
+    p.add_argument("--T", type=temperature, default=None,
+                   help="training temperature, from 1e-6 to 1e6 (what float32 can resolve; default 1; "
+                        "required to be 1 for standard)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"epochs (default {DEFAULT_EPOCHS['standard']} for every recipe)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and dropout (default 0)")
+    p.add_argument("--seed", type=random_seed, default=0,
+                   help="seed for initialisation, shuffling and dropout, >= 0 (default 0)")
     data_options(p)
-    p.add_argument("--out", default=None, help="also write the deployed model to this .npz path")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="also write the deployed model to this .npz path (its folder is checked first)")
     p.add_argument("--cache-dir", default=None,
                    help="model cache folder (default $SCRATCHNET_CACHE, then ~/.cache/scratchnet/models)")
     p.add_argument("--force", action="store_true", help="retrain even if the model is cached")
@@ -32,13 +36,15 @@ def add_parser(sub):
                    help="papernot: the study's network (default); small: a fast one for quick checks")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="adam (default; warm-up + cosine decay) or sgd (momentum 0.9, learning rate multiplied by T)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} x T for sgd)")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help=f"peak learning rate, > 0 and at most {MAX_LR:g} (default {DEFAULT_LR['adam']} for adam, "
+                        f"{DEFAULT_LR['sgd']} x T for sgd)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size (default 128)")
     p.add_argument("--train-size", type=positive_int, default=None,
                    help="use only the first N training images (default: all 55,000 after the validation split)")
     device_option(p, "train")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: bars on a terminal, one line per epoch in a log)")
     p.set_defaults(run=run)
 
 

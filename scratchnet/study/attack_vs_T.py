@@ -36,7 +36,6 @@ Outputs in ``--out`` (default ``results/attack_vs_T`` or ``results/attack_vs_T_q
 against T) and ``attack_vs_T_distortion.png`` (mean distortion of the
 successful attacks).
 """
-import argparse
 import math
 import os
 
@@ -323,13 +322,13 @@ def attack_settings(args, settings):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     common.add_common_options(parser, QUICK)
     add_options(parser)
     args = parser.parse_args()
     settings = attack_settings(args, common.settings_from(args, QUICK, FULL))
     out = args.out or os.path.join("results", "attack_vs_T_quick" if settings["quick"] else "attack_vs_T")
+    common.check_output(out)                  # before any model is trained
     common.announce(settings, "attack_vs_T", seconds_per_model_quick=60, seconds_per_model_full=480)
     print(f"attacks: JSMA on {settings['n']} images x 9 targets, FGSM on {settings['n_fgsm']} images at eps "
           f"{settings['eps']}, C&W L2 on {settings['n_cw']} images; each masked and fixed", flush=True)

@@ -4,8 +4,12 @@ Each study (``grad_vs_T``, ``attack_vs_T``, ``distillation``, ``saturation``)
 is a module of this package with a ``main()``; the scripts a user runs,
 ``experiments/NAME.py``, only call it through ``scratchnet.cli.run_script``.
 
-* ``add_common_options`` / ``settings_from``: ``--quick``, ``--T``, ``--seeds``,
-  ``--epochs``, ``--train-size``, ``--n``, data, cache and output folders;
+* ``make_parser``, ``add_common_options`` / ``settings_from``: ``--quick``,
+  ``--T``, ``--seeds``, ``--epochs``, ``--train-size``, ``--n``, data, cache
+  and output folders, each value checked as it is parsed by the command
+  line's argument types (``scratchnet/cli``), with one-line errors; an absent
+  option means the default, never a zero;
+* ``check_output``: the results folder takes files, checked before any work;
 * ``models_for``: the (recipe, T) grid, trained on demand through
   ``scratchnet.cache.get_model`` (the ``standard`` model is the T = 1 point of
   every recipe; a distilled model's teacher is the temperature model at T);
@@ -15,6 +19,7 @@ is a module of this package with a ``main()``; the scripts a user runs,
   writer (``scratchnet/files.py``), so a failed run never leaves a
   half-written result.
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -24,13 +29,18 @@ import os
 import numpy as np
 
 from ..cache import get_model
-from ..cli import UsageError
+from ..cli import Parser, UsageError, positive_int, random_seed, temperature
 from ..data import load_mnist
-from ..files import atomic_write, read_json, write_json  # noqa: F401  (write_json: the studies' JSON writer)
-from ..functional import check_T
+from ..files import atomic_write, check_writable, read_json, write_json  # noqa: F401  (write_json: the studies' JSON writer)
 
 FULL_T = [1, 2, 5, 10, 20, 50, 100]
 RECIPES = ["temperature", "distilled"]
+
+
+def make_parser(doc):
+    """The parser of a study's script: the first paragraph of ``doc`` as its description,
+    and the command line's one-line usage errors (exit status 2)."""
+    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_common_options(parser, quick):
@@ -39,14 +49,15 @@ def add_common_options(parser, quick):
                         help=f"a small configuration that finishes in minutes: T in {quick['T']}, "
                              f"{quick['train_size']} training images, {quick['epochs']} epochs, "
                              f"{quick['n']} test images")
-    parser.add_argument("--T", type=float, nargs="+", metavar="T",
-                        help=f"training temperatures (default {FULL_T}; T = 1 is the standard model)")
+    parser.add_argument("--T", type=temperature, nargs="+", metavar="T",
+                        help=f"training temperatures, from 1e-6 to 1e6 (default {FULL_T}; T = 1 is the "
+                             f"standard model)")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, help=f"recipes to compare (default {RECIPES})")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0)")
-    parser.add_argument("--epochs", type=int, help="training epochs per model (default 5; quick: fewer)")
-    parser.add_argument("--train-size", type=int,
+    parser.add_argument("--seeds", type=random_seed, nargs="+", help="training seeds, >= 0 (default 0)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs per model, >= 1 (default 5; quick: fewer)")
+    parser.add_argument("--train-size", type=positive_int,
                         help="use only the first N training images (default all 55,000; quick: fewer)")
-    parser.add_argument("--n", type=int, help="test images to measure (default 1000; quick: fewer)")
+    parser.add_argument("--n", type=positive_int, help="test images to measure, >= 1 (default 1000; quick: fewer)")
     parser.add_argument("--architecture", choices=["papernot", "small"], default="papernot",
                         help="network to train (default: papernot, the study's network)")
     parser.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $SCRATCHNET_DATA, "
@@ -54,31 +65,34 @@ def add_common_options(parser, quick):
     parser.add_argument("--cache-dir", help="trained-model cache (default: $SCRATCHNET_CACHE, "
                                             "then ~/.cache/scratchnet/models)")
     parser.add_argument("--out", help="folder for the CSV, JSON and PNG results")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress (default: bars on a terminal, a line now and then in a log)")
+
+
+def _given(value, default):
+    """An option's value, or ``default`` when the option was not given (None), never when it is 0."""
+    return default if value is None else value
 
 
 def settings_from(args, quick, full):
-    """The run's settings: explicit options win, then --quick, then the full defaults."""
+    """The run's settings: explicit options win, then --quick, then the full defaults.
+
+    Single values were checked while parsing (``add_common_options``); this
+    checks the ranges that depend on MNIST's sizes.
+    """
     base = quick if args.quick else full
     s = {
-        "T": sorted(set(float(t) for t in (args.T or base["T"]))),
-        "recipes": args.recipes or RECIPES,
-        "seeds": args.seeds or base.get("seeds", [0]),
-        "epochs": args.epochs or base["epochs"],
-        "train_size": args.train_size if args.train_size is not None else base["train_size"],
-        "n": args.n or base["n"],
+        "T": sorted(set(float(t) for t in _given(args.T, base["T"]))),
+        "recipes": _given(args.recipes, RECIPES),
+        "seeds": _given(args.seeds, base.get("seeds", [0])),
+        "epochs": _given(args.epochs, base["epochs"]),
+        "train_size": _given(args.train_size, base["train_size"]),
+        "n": _given(args.n, base["n"]),
         "architecture": args.architecture,
         "quick": bool(args.quick),
     }
-    try:
-        for t in s["T"]:
-            check_T(t)
-    except ValueError:
-        raise UsageError(f"every --T must be a finite number > 0, got {args.T}") from None
     if 1.0 not in s["T"]:
         s["T"] = [1.0] + s["T"]              # the standard model is the reference of every factor
-    if s["epochs"] < 1:
-        raise UsageError(f"--epochs must be >= 1, got {s['epochs']}")
     if s["n"] < 1 or s["n"] > 10000:
         raise UsageError(f"--n must be in [1, 10000] test images, got {s['n']}")
     if s["train_size"] is not None and not 1 <= s["train_size"] <= 55000:
@@ -94,6 +108,12 @@ def grid(settings):
     for seed in settings["seeds"]:
         out.append(("standard", 1.0, seed))
         out += [(r, T, seed) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    return out
+
+
+def check_output(out):
+    """Make sure the results folder ``out`` takes files, before any model is trained."""
+    check_writable(out, "the results folder (--out)")
     return out
 
 

@@ -40,7 +40,6 @@ Outputs in ``--out`` (default ``results/distillation_vs_temperature[_quick]``):
 ``distillation_vs_temperature.csv`` (one row per T and measure, both recipes
 side by side), ``.json`` (also every per-seed value) and ``.png``.
 """
-import argparse
 import math
 import os
 
@@ -125,8 +124,7 @@ def measure_one(model, meta, T, data, settings, att_settings, grad_store, attack
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     common.add_common_options(parser, QUICK)
     parser.add_argument("--n-jsma", type=int, help="source images for JSMA, x 9 targets (default 100; quick 20)")
     parser.add_argument("--n-fgsm", type=int, help="test images for FGSM (default 1000; quick 200)")
@@ -149,6 +147,7 @@ def main():
         raise UsageError(f"--n-jsma must be in [1, 10000] test images, got {att_settings['n']}")
     suffix = "_quick" if settings["quick"] else ""
     out = args.out or os.path.join("results", "distillation_vs_temperature" + suffix)
+    common.check_output(out)                  # before any model is trained
     reuse = args.reuse if args.reuse is not None else [os.path.join("results", "grad_vs_T" + suffix),
                                                        os.path.join("results", "attack_vs_T" + suffix)]
     common.announce(settings, "distillation_vs_temperature", seconds_per_model_quick=60,

@@ -32,7 +32,6 @@ Usage::
 Outputs in ``--out`` (default ``results/grad_vs_T`` or ``results/grad_vs_T_quick``):
 ``grad_vs_T.csv``, ``grad_vs_T.json`` and ``grad_vs_T.png``.
 """
-import argparse
 import math
 import os
 
@@ -188,12 +187,12 @@ def verdict(rows, settings):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     common.add_common_options(parser, QUICK)
     args = parser.parse_args()
     settings = common.settings_from(args, QUICK, FULL)
     out = args.out or os.path.join("results", "grad_vs_T_quick" if settings["quick"] else "grad_vs_T")
+    common.check_output(out)                  # before any model is trained
     common.announce(settings, "grad_vs_T", seconds_per_model_quick=40, seconds_per_model_full=240)
 
     data = common.load_data(args)

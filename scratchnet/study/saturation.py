@@ -24,7 +24,6 @@ Usage::
 Outputs in ``--out`` (default ``results/saturation`` or ``results/saturation_quick``):
 ``saturation.png``, ``saturation.csv`` and ``saturation.json``.
 """
-import argparse
 import os
 
 import numpy as np
@@ -146,8 +145,7 @@ def plot(views, x, y, path, settings):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     common.add_common_options(parser, QUICK)
     parser.add_argument("--index", type=int, help="the test image to show (default: the first one every "
                                                   "model classifies correctly, among the first --n)")
@@ -158,6 +156,7 @@ def main():
     recipe = settings["recipes"][0]
     seed = settings["seeds"][0]
     out = args.out or os.path.join("results", "saturation_quick" if settings["quick"] else "saturation")
+    common.check_output(out)                  # before any model is trained
     settings["recipes"], settings["seeds"] = [recipe], [seed]
     common.announce(settings, "saturation", seconds_per_model_quick=40, seconds_per_model_full=240)
 
