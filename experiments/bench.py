@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import scratchnet  # noqa: E402
-from kernels import cpu as cpu_kernels  # noqa: E402
+from scratchnet.kernels import cpu as cpu_kernels  # noqa: E402
 from scratchnet.losses import softmax_cross_entropy  # noqa: E402
 from scratchnet.model import papernot_mnist  # noqa: E402
 from scratchnet.optim import SGD  # noqa: E402

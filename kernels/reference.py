@@ -266,7 +266,7 @@ def winograd_conv3x3_forward(x, W, b, pad):
     U = winograd_filters(W)                                                 # G g G^T
     M = np.einsum("abfc,abncts->abnfts", U, V)                              # 16 products over channels
     Y = np.einsum("ia,abnfts,jb->nftisj", WINOGRAD_AT, M, WINOGRAD_AT)      # A^T m A
-    y = Y.reshape(N, -1, 2 * TH, 2 * TW)[:, :, :OH, :OW] + b[:, None, None]
+    y = Y.reshape(N, W.shape[0], 2 * TH, 2 * TW)[:, :, :OH, :OW] + b[:, None, None]
     return y.astype(np.result_type(x, W))
 
 

@@ -11,7 +11,7 @@ alike: the array module ``xp`` is taken from the data, and the hot loops
 (convolution, max pooling, ReLU) come from the kernel registry in ``kernels``,
 whose plain NumPy versions in ``kernels/reference.py`` spell out the maths.
 """
-import kernels
+from . import kernels
 
 from .backend import get_array_module
 
