@@ -2,18 +2,19 @@
 
 Each ``@njit(parallel=True, cache=True)`` loop runs ``prange`` only over an
 index whose output the thread alone writes, so no two threads ever touch the
-same element and no atomics are needed. col2im is written as a *gather*: each
-input pixel sums the entries that came from it, instead of each entry being
-scattered onto its pixel. The max-pool backward pass gives each thread whole
-image planes (n, c); inside its own plane a thread adds every dy onto its
-winning pixel, which no other thread can touch.
+same element and no atomics are needed. The max-pool backward pass gives each
+thread whole image planes (n, c); inside its own plane a thread adds every dy
+onto its winning pixel, which no other thread can touch. Sums over the batch
+(a convolution's dW and db) are kept per thread and added at the end.
 
 The whole-layer convolution kernels (``conv2d_forward``, ``conv2d_backward``)
-work one image at a time: each thread unfolds its image into a small
-column matrix that stays in its core's cache, multiplies it by the filters
-with BLAS, and writes that image's output. This never builds the batch's
-whole im2col matrix (85 MB for the Papernot network's second convolution at
-batch 128), whose trips to main memory cost more than the arithmetic.
+work on one image, or a few, at a time in each thread, with buffers that stay
+in its core's cache, and never build the batch's whole im2col matrix (85 MB
+for the Papernot network's second convolution at batch 128), whose trips to
+main memory cost more than the arithmetic. 3x3 filters at stride 1 go to
+Winograd F(2x2, 3x3) (see its section), which needs 2.25x fewer
+multiplications; other shapes to im2col, one image per thread. There is no
+batch im2col / col2im here: the registry hands out the reference's.
 
 Threads: Numba's thread pool is the only one that runs in parallel. Importing
 this module therefore
@@ -192,32 +193,37 @@ def _add(dst, d0, step, src, s0, n):
 # channel (or filter) rather than per channel *and* filter.
 #
 # The transforms are written so that every inner loop is long and contiguous,
-# which the compiler turns into vector instructions. The trick is the tile
-# grid: a padded row holds WP = 2 (TW + 1) pixels, room for one tile more than
-# the TW a row needs. Then column j of tile q in tile row r is element
-# 2 (r (TW + 1) + q) + j of the flat buffer: the tiles of all rows, images and
-# channels form one sequence u, read with stride 2. The extra tile of each row
-# (q = TW) is computed and thrown away, which costs the products 1 / TW more
-# work and saves thousands of short loops per image.
+# which the compiler turns into vector instructions. Two choices make that
+# possible. (1) Row i of every tile is kept with its even and odd columns
+# apart, so column j of a tile is entry j // 2 of its parity's half-row.
+# (2) Every row gets one tile more than it needs (TW + 1 instead of TW).
+# Then the tiles of all rows, images and channels form one flat sequence u,
+# and column j of tile u is element u + j // 2 of parity plane j % 2: a whole
+# transform is a handful of loops over u, instead of thousands of loops of TW
+# iterations per image. The extra tile of each row is computed and thrown
+# away; it costs the products 1 / TW more work.
 #
 # A thread takes a chunk of ``nb`` images at a time (as many as keep its
-# buffers in its core's cache), so the products are wide enough for BLAS to
-# run near its peak even on the 8x8 images of the network's last layer. With
+# buffers in its core's cache), so that the products are wide enough for BLAS
+# even on the 8x8 images of the network's last layer. With
 # u = ((c nb + m) TH + th) (TW + 1) + q over the TE = nb TH (TW + 1) tiles of
-# each channel c (for the output: filter f) and image m of the chunk:
+# each channel c (for the output: filter f), image m, tile row th, column q:
 #
-#   R[i][c, m, th, :]     = row 2 th + i of image m, padded    (_tile_rows, i < 4)
-#   S[k]                  = sum_i B^T[k, i] R[i]                (_mix_rows:    B^T d)
-#   V[4k + l][u]          = sum_j B^T[l, j] S[k][2u + j]        (_mix_columns: (B^T d) B)
-#   M[ab] (F, TE)         = U[ab] (F, C) @ V[ab] (C, TE)        16 BLAS products
-#   Z[4i + l]             = sum_k A^T[i, k] M[4k + l]           (_mix_rows:    A^T m)
-#   y[m, f, 2th+i, 2q+j]  = b[f] + sum_l A^T[j, l] Z[4i + l][u] (_put_tiles:   (A^T m) A)
+#   R[i, p][u]    = pixel (2 th + i, 2 q + p) of padded image m   (_tile_rows:    row i of each tile)
+#   S[k, p]       = sum_i B^T[k, i] R[i, p]                      (_mix_rows:     B^T d)
+#   V[k, l][u]    = sum_j B^T[l, j] S[k, j % 2][u + j // 2]      (_mix_columns:  (B^T d) B)
+#   M[ab] (F, TE) = U[ab] (F, C) @ V[ab] (C, TE)                 16 BLAS products
+#   Z[i, l]       = sum_k A^T[i, k] M[k, l]                      (_mix_rows:     A^T m)
+#   y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l A^T[j, l] Z[i, l][u]   (_put_tiles: (A^T m) A)
 #
-# The backward pass reuses these steps. dx is the forward convolution of dy
-# with the turned filters (see ``reference.winograd_conv3x3_backward``). dW
-# takes Mbar = A dY A^T of every 2x2 tile dY of dy through the same row and
-# column mixing (with A in place of B^T), then dU[ab] = sum of Mbar[ab] V[ab]^T
-# over the chunks, and dW = G^T dU G.
+# The backward pass runs the same algebra transposed
+# (``reference.winograd_conv3x3_backward``). The 2x2 tiles dY of dy go
+# through the same steps with A in place of B^T, giving Mbar = A dY A^T (the
+# extra tiles read dy's zero padding, so their Mbar is 0 and they add nothing
+# below). Then dV[ab] = U[ab]^T Mbar[ab], and the adjoints of _mix_columns,
+# _mix_rows and _tile_rows take dV back onto the pixels of dx; and
+# dU[ab] = sum of Mbar[ab] V[ab]^T over the images, with V of x computed again
+# as in the forward pass, gives dW = G^T dU G.
 
 # the fewest input channels for which Winograd beats im2col here: with one
 # channel (the first layer) the 16 products have an inner dimension of 1, and
@@ -242,9 +248,9 @@ def _winograd_applies(W, stride, pad):
 def _row_length(n):
     """A buffer row length >= n + 2 that is not a multiple of 1024 elements.
 
-    The 2 spare elements let the stride-2 reads of the last extra tile run past
-    the row; the length avoids rows exactly 4 KiB apart, which share L1 cache
-    sets (the loops below read up to four rows at once).
+    The spare elements let the shifted reads (u + 1) of the last extra tile run
+    past the n that count; the length avoids rows exactly 4 KiB apart, which
+    share L1 cache sets (the loops below read up to four rows at once).
     """
     n += 2 + 16 - (n + 2) % 16
     return n + 16 if n % 1024 == 0 else n
@@ -418,22 +424,27 @@ def _untile_rows(dR, pad, dx):
 
 
 @njit(cache=True)
-def _put_tiles(AT, Z, b, nb, TW, y):
+def _put_tiles(AT, Z, Y, b, nb, TW, y):
     """y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l AT[j, l] Z[4 i + l, u] for m < len(y):
-    the second half of the output transform, written straight into NCHW.
+    the second half of the output transform, written into NCHW.
 
-    Z : (8, >= F nb TH (TW + 1)), u = ((f nb + m) TH + th) (TW + 1) + q;
-    y : (<= nb, F, OH, OW). An odd OH or OW drops the last tiles' second row
-    or column.
+    Z : (8, R) with R >= F nb TH (TW + 1), u = ((f nb + m) TH + th) (TW + 1) + q;
+    Y : (16, R), scratch (the 16 products' buffer, free by now);  y : (<= nb, F,
+    OH, OW). First the four output planes Y[2i + j] in long loops, then each
+    output row interleaves its two. An odd OH or OW drops the last tiles'
+    second row or column.
     """
     _, F, OH, OW = y.shape
     TH = (OH + 1) // 2
+    n = F * nb * TH * (TW + 1)
+    R = Z.shape[1]
+    Y = Y.reshape(4, 4, R)[0].reshape(2, 2, R)
+    for i in range(2):                       # Y[i, j] = sum_l AT[j, l] Z[4i + l]
+        _mix_rows(AT, Z.reshape(2, 4, R)[i], n, Y[i])
     yf = y.ravel()
-    p0, p1, p2, p3 = AT[0, 0], AT[0, 1], AT[0, 2], AT[0, 3]      # output column j = 0
-    q0, q1, q2, q3 = AT[1, 0], AT[1, 1], AT[1, 2], AT[1, 3]      # output column j = 1
     pairs = np.uint64(OW // 2)               # tiles with both columns inside the image
     for i in range(2):
-        z0, z1, z2, z3 = Z[4 * i], Z[4 * i + 1], Z[4 * i + 2], Z[4 * i + 3]
+        even, odd = Y[i, 0], Y[i, 1]
         for m in range(y.shape[0]):
             for f in range(F):
                 bf = b[f]
@@ -443,13 +454,11 @@ def _put_tiles(AT, Z, b, nb, TW, y):
                         continue
                     d0 = np.uint64(((m * F + f) * OH + h) * OW)
                     s0 = np.uint64(((f * nb + m) * TH + th) * (TW + 1))
-                    for q in range(pairs):   # unsigned, as in _copy, so that it vectorises
-                        s = s0 + q
-                        yf[d0 + 2 * q] = bf + p0 * z0[s] + p1 * z1[s] + p2 * z2[s] + p3 * z3[s]
-                        yf[d0 + 2 * q + 1] = bf + q0 * z0[s] + q1 * z1[s] + q2 * z2[s] + q3 * z3[s]
+                    for q in range(pairs):   # unsigned, as in _copy
+                        yf[d0 + 2 * q] = even[s0 + q] + bf
+                        yf[d0 + 2 * q + 1] = odd[s0 + q] + bf
                     if OW % 2:               # the last tile's first column only
-                        s = s0 + pairs
-                        yf[d0 + 2 * pairs] = bf + p0 * z0[s] + p1 * z1[s] + p2 * z2[s] + p3 * z3[s]
+                        yf[d0 + 2 * pairs] = even[s0 + pairs] + bf
 
 
 @njit(cache=True)
@@ -487,7 +496,7 @@ def _winograd_forward(x, U, b, pad, BT, AT, y, R, S, V, M, Z):
         for ab in range(16):
             np.dot(U[ab], V[t, ab, :C * TE].reshape(C, TE), M[t, ab, :F * TE].reshape(F, TE))
         _mix_rows(AT, M[t], F * TE, Z[t])
-        _put_tiles(AT, Z[t], b, nb, TQ - 1, y[n:n + imgs.shape[0]])
+        _put_tiles(AT, Z[t], M[t], b, nb, TQ - 1, y[n:n + imgs.shape[0]])
 
 
 def winograd_conv2d_forward(x, W, b, pad):
