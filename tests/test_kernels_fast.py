@@ -30,11 +30,11 @@ CONV_CASES = [
     (1, 4, 6, 6, 3, 5, 5, 1, 3),     # padding larger than half the kernel: whole rows of zeros
     (7, 1, 28, 28, 4, 3, 3, 1, 0),   # the Papernot network's first layer, odd batch
     (13, 6, 10, 10, 5, 3, 3, 1, 0),  # more images than threads, not a multiple of them
-    # 3x3, stride 1, C >= 4: Winograd on the CPU
-    (3, 4, 7, 9, 5, 3, 3, 1, 1),     # odd output sizes (7 x 9): half-used last tiles
-    (5, 8, 5, 6, 3, 3, 3, 1, 2),     # padding 2
-    (2, 5, 4, 4, 2, 3, 3, 1, 3),     # padding 3: tiles of nothing but zeros
-    (2, 4, 3, 3, 2, 3, 3, 1, 0),     # a 1x1 output: one tile, three quarters outside
+    # 3x3, stride 1, C >= WINOGRAD_MIN_CHANNELS (16): Winograd on the CPU
+    (3, 16, 7, 9, 5, 3, 3, 1, 1),    # odd output sizes (7 x 9): half-used last tiles
+    (5, 16, 5, 6, 3, 3, 3, 1, 2),    # padding 2
+    (2, 17, 4, 4, 2, 3, 3, 1, 3),    # padding 3: tiles of nothing but zeros
+    (2, 16, 3, 3, 2, 3, 3, 1, 0),    # a 1x1 output: one tile, three quarters outside
     (9, 32, 12, 12, 64, 3, 3, 1, 0), # the network's third layer; 9 images split into chunks unevenly
     (3, 32, 26, 26, 32, 3, 3, 1, 0), # the network's second layer
 ]
@@ -111,8 +111,9 @@ def test_cpu_sends_the_papernot_layers_to_the_intended_algorithm():
     model = papernot_mnist(seed=0)
     uses = [cpu._winograd_applies(model[f"conv{i}.W"], 1, 0) for i in (1, 2, 3, 4)]
     assert uses == [False, True, True, True]          # one input channel: im2col; the rest: Winograd
-    assert not cpu._winograd_applies(np.zeros((4, 8, 3, 3)), 2, 1)     # stride 2
-    assert not cpu._winograd_applies(np.zeros((4, 8, 5, 5)), 1, 2)     # 5x5
+    assert not cpu._winograd_applies(np.zeros((4, 32, 3, 3)), 2, 1)    # stride 2
+    assert not cpu._winograd_applies(np.zeros((4, 32, 5, 5)), 1, 2)    # 5x5
+    assert not cpu._winograd_applies(np.zeros((4, 8, 3, 3)), 1, 1)     # too few channels to pay off
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -156,7 +157,8 @@ def test_winograd_chunks_of_images_give_the_same_result(monkeypatch):
     """A thread takes several images per chunk; chunks of 1, 3 (10 images: a short last
     chunk) and 10 images all give the reference's numbers."""
     from scratchnet.kernels import cpu
-    x, w, b = _winograd_case(10, 8, 10, 10, 6, np.float64)
+    x, w, b = _winograd_case(10, 16, 10, 10, 6, np.float64)
+    assert cpu._winograd_applies(w, 1, 0)
     dy = np.random.default_rng(3).standard_normal((10, 6, 8, 8))
     want_y = reference.conv2d_forward(x, w, b, 1, 0)
     want = reference.conv2d_backward(dy, x, w, 1, 0)
@@ -181,7 +183,7 @@ def test_winograd_chunk_size_fits_the_budget():
 def test_winograd_backward_is_the_adjoint_of_forward():
     """<conv(x), dy> == <x, dx> and == <W, dW> (no bias) through the Winograd kernels."""
     from scratchnet.kernels import cpu
-    x, w, _ = _winograd_case(6, 5, 9, 8, 4, np.float64, seed=4)
+    x, w, _ = _winograd_case(6, 16, 9, 8, 4, np.float64, seed=4)
     y = cpu.conv2d_forward(x, w, np.zeros(4), 1, 1)
     dy = np.random.default_rng(5).standard_normal(y.shape)
     dx, dW, _ = cpu.conv2d_backward(dy, x, w, 1, 1)
@@ -195,6 +197,7 @@ def test_winograd_gradients_are_the_same_numbers_every_run():
     to the last bit (what makes training reproducible)."""
     from scratchnet.kernels import cpu
     x, w, _ = _winograd_case(37, 16, 12, 12, 8, np.float32, seed=6)
+    assert cpu._winograd_applies(w, 1, 0)
     dy = np.random.default_rng(7).standard_normal((37, 8, 10, 10)).astype(np.float32)
     first = cpu.conv2d_backward(dy, x, w, 1, 0)
     for _ in range(3):
