@@ -11,17 +11,30 @@ table          module                  used for
 ``gpu``        ``kernels/gpu``         CuPy arrays (CUDA, compiled once, cached)
 =============  ======================  ==========================================
 
-Layer code calls ``kernels.get("im2col", xp)(x, ...)`` and never branches on the
-device itself. The GPU table is filled on first use, so importing scratchnet
-never requires CuPy.
+Layer code calls ``kernels.get("conv2d_forward", xp)(x, ...)`` and never
+branches on the device itself. The GPU table is filled on first use, so
+importing scratchnet never requires CuPy.
 
 The whole-layer convolution (``conv2d_forward``, ``conv2d_backward``) is a
-kernel too, so that the CPU can run it one image per thread without ever
-building the batch's whole im2col matrix; so is ReLU, which the CPU does in
-one parallel pass. An implementation that lacks these (the GPU) gets the
-generic versions below: its own im2col / col2im with its array module's
-matrix product, and ReLU from array operators, exactly as in
-``kernels/reference.py``.
+kernel too, so that the CPU can pick its algorithm (Winograd F(2x2, 3x3) for
+3x3 filters at stride 1, im2col one image per thread otherwise) and never
+build the batch's whole im2col matrix; so is ReLU, which the CPU does in one
+parallel pass. An implementation that lacks these (the GPU) gets the generic
+versions below: its own im2col / col2im with its array module's matrix
+product, and ReLU from array operators, exactly as in ``kernels/reference.py``.
+A kernel an implementation has neither of its own nor generically (the CPU's
+batch im2col / col2im, which its convolutions never need) is the reference's.
+
+Why ``scratchnet.kernels``: the folder ``kernels/`` sits at the top of the
+repository, beside ``scratchnet/``, because it is half of the design (the hot
+loops, apart from the layers that call them). But PyPI already has a
+distribution named ``kernels``; had scratchnet installed a top-level package of
+that name, it would have replaced that one, or been hidden by it. So the
+folder is imported and installed as ``scratchnet.kernels``: setup.cfg maps the
+package onto ``kernels/`` (``package_dir``), and in the source tree
+``scratchnet/kernels`` is a symbolic link to it, so the same import works from a
+checkout, an editable install and a wheel. Inside the folder, imports are
+relative (``from . import reference``).
 """
 import numpy as np
 
@@ -59,8 +72,12 @@ def _table(impl):
         else:
             raise ValueError(f"unknown kernel implementation {impl!r}; expected 'reference', 'cpu' or 'gpu'")
         table = {name: getattr(module, name) for name in NAMES if hasattr(module, name)}
-        generic = _generic_kernels(table["im2col"], table["col2im"])
-        table.update({name: generic[name] for name in generic if name not in table})
+        if "im2col" in table:
+            generic = _generic_kernels(table["im2col"], table["col2im"])
+            table.update({name: generic[name] for name in generic if name not in table})
+        # what is still missing (the CPU's batch im2col / col2im: its convolution
+        # unfolds one image at a time inside conv2d_*) is the reference version
+        table.update({name: _tables["reference"][name] for name in NAMES if name not in table})
         _tables[impl] = table
     return _tables[impl]
 

@@ -2,18 +2,19 @@
 
 Each ``@njit(parallel=True, cache=True)`` loop runs ``prange`` only over an
 index whose output the thread alone writes, so no two threads ever touch the
-same element and no atomics are needed. col2im is written as a *gather*: each
-input pixel sums the entries that came from it, instead of each entry being
-scattered onto its pixel. The max-pool backward pass gives each thread whole
-image planes (n, c); inside its own plane a thread adds every dy onto its
-winning pixel, which no other thread can touch.
+same element and no atomics are needed. The max-pool backward pass gives each
+thread whole image planes (n, c); inside its own plane a thread adds every dy
+onto its winning pixel, which no other thread can touch. Sums over the batch
+(a convolution's dW and db) are kept per thread and added at the end.
 
 The whole-layer convolution kernels (``conv2d_forward``, ``conv2d_backward``)
-work one image at a time: each thread unfolds its image into a small
-column matrix that stays in its core's cache, multiplies it by the filters
-with BLAS, and writes that image's output. This never builds the batch's
-whole im2col matrix (85 MB for the Papernot network's second convolution at
-batch 128), whose trips to main memory cost more than the arithmetic.
+work on one image, or a few, at a time in each thread, with buffers that stay
+in its core's cache, and never build the batch's whole im2col matrix (85 MB
+for the Papernot network's second convolution at batch 128), whose trips to
+main memory cost more than the arithmetic. 3x3 filters at stride 1 go to
+Winograd F(2x2, 3x3) (see its section), which needs 2.25x fewer
+multiplications; other shapes to im2col, one image per thread. There is no
+batch im2col / col2im here: the registry hands out the reference's.
 
 Threads: Numba's thread pool is the only one that runs in parallel. Importing
 this module therefore
@@ -39,81 +40,13 @@ import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls; l
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
+from . import reference
 from .reference import output_size
 
 if "NUMBA_THREADING_LAYER" not in os.environ:    # the user's explicit choice wins
     numba.config.THREADING_LAYER = "workqueue"   # takes effect at the first parallel kernel
 _threadpools = ThreadpoolController()
 _threadpools.limit(limits=1, user_api="blas")
-
-
-# ===== im2col / col2im =====
-
-@njit(parallel=True, cache=True)
-def _im2col(x, KH, KW, stride, pad, cols):
-    N, C, H, W = x.shape
-    OH = (H + 2 * pad - KH) // stride + 1
-    OW = (W + 2 * pad - KW) // stride + 1
-    for n_oh in prange(N * OH):          # this thread alone writes rows (n, oh, :)
-        n = n_oh // OH
-        oh = n_oh % OH
-        for ow in range(OW):
-            row = n_oh * OW + ow
-            for c in range(C):
-                for kh in range(KH):
-                    h = oh * stride - pad + kh
-                    for kw in range(KW):
-                        w = ow * stride - pad + kw
-                        col = (c * KH + kh) * KW + kw
-                        if 0 <= h < H and 0 <= w < W:
-                            cols[row, col] = x[n, c, h, w]
-                        else:
-                            cols[row, col] = 0.0
-
-
-def im2col(x, KH, KW, stride, pad):
-    """Fast im2col; see ``kernels.reference.im2col`` (the specification)."""
-    N, C, H, W = x.shape
-    OH, OW = output_size(H, KH, stride, pad), output_size(W, KW, stride, pad)
-    cols = np.empty((N * OH * OW, C * KH * KW), dtype=x.dtype)
-    _im2col(np.ascontiguousarray(x), KH, KW, stride, pad, cols)
-    return cols
-
-
-@njit(parallel=True, cache=True)
-def _col2im(cols, KH, KW, stride, pad, x):
-    N, C, H, W = x.shape
-    OH = (H + 2 * pad - KH) // stride + 1
-    OW = (W + 2 * pad - KW) // stride + 1
-    for n_c in prange(N * C):            # this thread alone writes image plane (n, c)
-        n = n_c // C
-        c = n_c % C
-        for h in range(H):
-            for w in range(W):
-                acc = 0.0
-                for kh in range(KH):
-                    t = h + pad - kh         # = oh * stride for the window that put (h, w) at tap kh
-                    if t < 0 or t % stride != 0:
-                        continue
-                    oh = t // stride
-                    if oh >= OH:
-                        continue
-                    for kw in range(KW):
-                        u = w + pad - kw
-                        if u < 0 or u % stride != 0:
-                            continue
-                        ow = u // stride
-                        if ow >= OW:
-                            continue
-                        acc += cols[(n * OH + oh) * OW + ow, (c * KH + kh) * KW + kw]
-                x[n, c, h, w] = acc
-
-
-def col2im(cols, x_shape, KH, KW, stride, pad):
-    """Fast col2im as a gather; see ``kernels.reference.col2im``."""
-    x = np.empty(x_shape, dtype=cols.dtype)
-    _col2im(np.ascontiguousarray(cols), KH, KW, stride, pad, x)
-    return x
 
 
 # ===== max pooling =====
@@ -227,7 +160,7 @@ def describe_threads():
             "blas": ", ".join(sorted({f"{lib['internal_api']} {lib.get('version')}" for lib in blas}))}
 
 
-# ===== convolution, one image per thread =====
+# ===== copies between flat arrays =====
 
 @njit(cache=True, inline="always")
 def _copy(dst, d0, src, s0, step, n):
@@ -248,6 +181,431 @@ def _add(dst, d0, step, src, s0, n):
     for i in range(np.uint64(n)):
         dst[d0 + i * step] += src[s0 + i]
 
+
+
+# ===== convolution 3x3, stride 1: Winograd F(2x2, 3x3), a few images per thread =====
+#
+# The algorithm is ``kernels.reference.winograd_conv3x3_forward`` (Lavin and
+# Gray, 2016): V = B^T d B for every 4x4 input tile d, 16 matrix products
+# M[a, b] = U[a, b] V[a, b] over the channels, then A^T M A for every 2x2 output
+# tile. The products spend 16 multiply-adds per (tile, channel, filter) where
+# im2col spends 2 * 2 * 9 = 36; the transforms only add, once per tile and
+# channel (or filter) rather than per channel *and* filter.
+#
+# The transforms are written so that every inner loop is long and contiguous,
+# which the compiler turns into vector instructions. Two choices make that
+# possible. (1) Row i of every tile is kept with its even and odd columns
+# apart, so column j of a tile is entry j // 2 of its parity's half-row.
+# (2) Every row gets one tile more than it needs (TW + 1 instead of TW).
+# Then the tiles of all rows, images and channels form one flat sequence u,
+# and column j of tile u is element u + j // 2 of parity plane j % 2: a whole
+# transform is a handful of loops over u, instead of thousands of loops of TW
+# iterations per image. The extra tile of each row is computed and thrown
+# away; it costs the products 1 / TW more work.
+#
+# A thread takes a chunk of ``nb`` images at a time (as many as keep its
+# buffers in its core's cache), so that the products are wide enough for BLAS
+# even on the 8x8 images of the network's last layer. With
+# u = ((c nb + m) TH + th) (TW + 1) + q over the TE = nb TH (TW + 1) tiles of
+# each channel c (for the output: filter f), image m, tile row th, column q:
+#
+#   R[i, p][u]    = pixel (2 th + i, 2 q + p) of padded image m   (_tile_rows:    row i of each tile)
+#   S[k, p]       = sum_i B^T[k, i] R[i, p]                      (_mix_rows:     B^T d)
+#   V[k, l][u]    = sum_j B^T[l, j] S[k, j % 2][u + j // 2]      (_mix_columns:  (B^T d) B)
+#   M[ab] (F, TE) = U[ab] (F, C) @ V[ab] (C, TE)                 16 BLAS products
+#   Z[i, l]       = sum_k A^T[i, k] M[k, l]                      (_mix_rows:     A^T m)
+#   y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l A^T[j, l] Z[i, l][u]   (_put_tiles: (A^T m) A)
+#
+# The backward pass runs the same algebra transposed
+# (``reference.winograd_conv3x3_backward``). The 2x2 tiles dY of dy go
+# through the same steps with A in place of B^T, giving Mbar = A dY A^T (the
+# extra tiles read dy's zero padding, so their Mbar is 0 and they add nothing
+# below). Then dV[ab] = U[ab]^T Mbar[ab], and the adjoints of _mix_columns,
+# _mix_rows and _tile_rows take dV back onto the pixels of dx; and
+# dU[ab] = sum of Mbar[ab] V[ab]^T over the images, with V of x computed again
+# as in the forward pass, gives dW = G^T dU G.
+
+# the fewest input channels for which Winograd is used: the products shrink
+# with C, the transforms of the output (one per filter) do not. Forward plus
+# backward, batch 128, 32 filters on 26x26 images, one thread (ms, im2col /
+# Winograd): C = 1: 3.5 / 9.5; 4: 8.6 / 14.3; 8: 20.0 / 19.6; 16: 35.4 / 30.5;
+# and 64 filters on 10x10: C = 16: 7.0 / 7.8; 32 (with 32 filters): 9.8 / 7.8.
+# So the first layer (C = 1) keeps im2col and the others (C = 32, 64) take Winograd.
+WINOGRAD_MIN_CHANNELS = 16
+
+# bytes of buffers a thread's chunk of images may fill (half a core's 2 MB L2
+# on the machine it was measured on; 1 to 8 images for the Papernot network)
+WINOGRAD_CHUNK_BYTES = 1 << 20
+
+_BT = reference.WINOGRAD_BT                             # input tiles:   d -> B^T d B
+_AT = reference.WINOGRAD_AT                             # output tiles:  m -> A^T m A
+_A = np.ascontiguousarray(reference.WINOGRAD_AT.T)      # dy's tiles:   dY -> A dY A^T
+
+
+def _winograd_applies(W, stride, pad):
+    """Whether the Winograd kernels compute this convolution (otherwise im2col does)."""
+    F, C, KH, KW = W.shape
+    return (KH, KW) == (3, 3) and stride == 1 and C >= WINOGRAD_MIN_CHANNELS
+
+
+def _row_length(n):
+    """A buffer row length >= n + 2 that is not a multiple of 1024 elements.
+
+    The spare elements let the shifted reads (u + 1) of the last extra tile run
+    past the n that count; the length avoids rows exactly 4 KiB apart, which
+    share L1 cache sets (the loops below read up to four rows at once).
+    """
+    n += 2 + 16 - (n + 2) % 16
+    return n + 16 if n % 1024 == 0 else n
+
+
+def _chunk(N, C, F, TH, TW, itemsize):
+    """Images per chunk: as many as fit WINOGRAD_CHUNK_BYTES, at least 1, at most N."""
+    per_image = (16 * (C + F) + 8 * F + 8 * C) * TH * (TW + 1) * itemsize   # V, M, Z, R and S
+    return int(max(1, min(N, WINOGRAD_CHUNK_BYTES // per_image)))
+
+
+@njit(cache=True)
+def _tile_rows(imgs, pad, R):
+    """R[i, w % 2, c, m, th, w // 2] = padded image m's pixel (c, 2 th + i, w): row i of
+    every tile row, its even and odd columns apart.
+
+    imgs : (<= nb, C, H, W), a chunk of images;  R : (I, 2, C, nb, TH, TW + 1).
+    The padding of R is zeroed by the caller: these writes land on the same
+    places for every chunk and never on it.
+    """
+    count, C, H, W = imgs.shape              # count <= nb: the last chunk may be short
+    I, _, _, nb, TH, TQ = R.shape
+    r, x = R.ravel(), imgs.ravel()
+    parity = R.size // (2 * I)               # elements from an even plane to its odd one
+    for i in range(I):
+        for c in range(C):
+            for m in range(count):
+                for th in range(TH):
+                    h = 2 * th + i - pad
+                    if 0 <= h < H:
+                        # image column w lands on padded column w + pad: parity (w + pad) % 2
+                        even = ((((i * 2) * C + c) * nb + m) * TH + th) * TQ
+                        at = np.uint64(even + (pad % 2) * parity + pad // 2)        # w = 0, 2, 4, ...
+                        at1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)   # w = 1, 3, ...
+                        s0 = np.uint64(((m * C + c) * H + h) * W)
+                        for t in range(np.uint64(W // 2)):   # unsigned, as in _copy
+                            r[at + t] = x[s0 + 2 * t]
+                            r[at1 + t] = x[s0 + 2 * t + 1]
+                        if W % 2:
+                            r[at + np.uint64(W // 2)] = x[s0 + np.uint64(W - 1)]
+
+
+@njit(cache=True)
+def _terms(row):
+    """The nonzero coefficients of one matrix row, and where they stand (at most 4)."""
+    coef = np.zeros(4, dtype=row.dtype)
+    at = np.zeros(4, dtype=np.int64)
+    count = 0
+    for i in range(row.size):
+        if row[i] != 0:
+            coef[count], at[count] = row[i], i
+            count += 1
+    return coef, at, count
+
+
+@njit(cache=True, inline="always")
+def _weighted_sum(o, m, count, s0, s1, s2, s3):
+    """o[:] = m[0] s0 + ... + m[count - 1] s{count - 1}: one pass, every array contiguous."""
+    n = o.size
+    if count == 1:
+        for e in range(n):
+            o[e] = m[0] * s0[e]
+    elif count == 2:
+        for e in range(n):
+            o[e] = m[0] * s0[e] + m[1] * s1[e]
+    elif count == 3:
+        for e in range(n):
+            o[e] = m[0] * s0[e] + m[1] * s1[e] + m[2] * s2[e]
+    else:
+        for e in range(n):
+            o[e] = m[0] * s0[e] + m[1] * s1[e] + m[2] * s2[e] + m[3] * s3[e]
+
+
+@njit(cache=True)
+def _mix_rows(Mat, src, n, out):
+    """out[k L + l, :n] = sum_i Mat[k, i] src[i L + l, :n], where L = len(src) // Mat.shape[1].
+
+    A small matrix applied along the first tile axis, to whole planes of tiles
+    at once. Only the nonzero coefficients take part (B^T and A have two a
+    row, A^T three), so each result is exactly the sum the matrix names.
+    """
+    K, I = Mat.shape
+    L = src.shape[0] // I
+    for k in range(K):
+        m, i, count = _terms(Mat[k])
+        for l in range(L):
+            _weighted_sum(out[k * L + l, :n], m, count, src[i[0] * L + l, :n], src[i[1] * L + l, :n],
+                          src[i[2] * L + l, :n], src[i[3] * L + l, :n])
+
+
+@njit(cache=True)
+def _mix_columns(Mat, S, n, out):
+    """out[k L + l, u] = sum_j Mat[l, j] S[2k + j % 2, u + j // 2] for u < n, L = Mat.shape[0].
+
+    The same along the second tile axis. S holds even and odd columns apart,
+    so column j of every tile u is the plane S[2k + j % 2] shifted by j // 2,
+    and the sum is again one pass over contiguous planes.
+    """
+    L, J = Mat.shape
+    for l in range(L):
+        m, j, count = _terms(Mat[l])
+        o0, o1, o2, o3 = j[0] // 2, j[1] // 2, j[2] // 2, j[3] // 2    # the shifts
+        for k in range(S.shape[0] // 2):
+            _weighted_sum(out[k * L + l, :n], m, count, S[2 * k + j[0] % 2, o0:o0 + n],
+                          S[2 * k + j[1] % 2, o1:o1 + n], S[2 * k + j[2] % 2, o2:o2 + n],
+                          S[2 * k + j[3] % 2, o3:o3 + n])
+
+
+@njit(cache=True)
+def _unmix_columns(Mat, dV, n, dS):
+    """The adjoint of ``_mix_columns``: dS[2k + p, v] = sum of Mat[l, j] dV[k L + l, v - j // 2]
+    over the (l, j) with j % 2 = p, for v < n.
+
+    dV's rows hold their planes from element 1 on, after a zero: the shift by
+    one tile reads that zero at v = 0. (Each column parity of B^T gives four
+    terms: at most four are supported.)
+    """
+    L, J = Mat.shape
+    for p in range(2):
+        coef = np.zeros(4, dtype=dV.dtype)
+        plane = np.zeros(4, dtype=np.int64)
+        start = np.zeros(4, dtype=np.int64)
+        count = 0
+        for l in range(L):
+            for j in range(p, J, 2):
+                if Mat[l, j] != 0:
+                    coef[count], plane[count], start[count] = Mat[l, j], l, 1 - j // 2
+                    count += 1
+        for k in range(dS.shape[0] // 2):
+            _weighted_sum(dS[2 * k + p, :n], coef, count,
+                          dV[k * L + plane[0], start[0]:start[0] + n], dV[k * L + plane[1], start[1]:start[1] + n],
+                          dV[k * L + plane[2], start[2]:start[2] + n], dV[k * L + plane[3], start[3]:start[3] + n])
+
+
+@njit(cache=True)
+def _untile_rows(dR, pad, dx):
+    """The adjoint of ``_tile_rows``: dx[m, c, h, w] = the sum of the entries of dR that
+    ``_tile_rows`` copied from pixel (c, h, w) of image m (two tile rows hold each row).
+
+    dR : (4, 2, C, nb, TH, TW + 1);  dx : (<= nb, C, H, W), overwritten.
+    """
+    count, C, H, W = dx.shape
+    _, _, _, nb, TH, TQ = dR.shape
+    r, x = dR.ravel(), dx.ravel()
+    parity = dR.size // 8
+    for m in range(count):
+        for c in range(C):
+            for h in range(H):
+                s0 = np.uint64(((m * C + c) * H + h) * W)
+                first = True
+                for i in range((h + pad) % 2, 4, 2):         # the two rows i with 2 th + i = h + pad
+                    th = (h + pad - i) // 2
+                    if th < 0 or th >= TH:
+                        continue
+                    even = ((((i * 2) * C + c) * nb + m) * TH + th) * TQ
+                    at = np.uint64(even + (pad % 2) * parity + pad // 2)
+                    at1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)
+                    if first:
+                        for t in range(np.uint64(W // 2)):   # unsigned, as in _copy
+                            x[s0 + 2 * t] = r[at + t]
+                            x[s0 + 2 * t + 1] = r[at1 + t]
+                        if W % 2:
+                            x[s0 + np.uint64(W - 1)] = r[at + np.uint64(W // 2)]
+                        first = False
+                    else:
+                        for t in range(np.uint64(W // 2)):
+                            x[s0 + 2 * t] += r[at + t]
+                            x[s0 + 2 * t + 1] += r[at1 + t]
+                        if W % 2:
+                            x[s0 + np.uint64(W - 1)] += r[at + np.uint64(W // 2)]
+
+
+@njit(cache=True)
+def _put_tiles(AT, Z, Y, b, nb, TW, y):
+    """y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l AT[j, l] Z[4 i + l, u] for m < len(y):
+    the second half of the output transform, written into NCHW.
+
+    Z : (8, R) with R >= F nb TH (TW + 1), u = ((f nb + m) TH + th) (TW + 1) + q;
+    Y : (16, R), scratch (the 16 products' buffer, free by now);  y : (<= nb, F,
+    OH, OW). First the four output planes Y[2i + j] in long loops, then each
+    output row interleaves its two. An odd OH or OW drops the last tiles'
+    second row or column.
+    """
+    _, F, OH, OW = y.shape
+    TH = (OH + 1) // 2
+    n = F * nb * TH * (TW + 1)
+    R = Z.shape[1]
+    Y = Y.reshape(4, 4, R)[0].reshape(2, 2, R)
+    for i in range(2):                       # Y[i, j] = sum_l AT[j, l] Z[4i + l]
+        _mix_rows(AT, Z.reshape(2, 4, R)[i], n, Y[i])
+    yf = y.ravel()
+    pairs = np.uint64(OW // 2)               # tiles with both columns inside the image
+    for i in range(2):
+        even, odd = Y[i, 0], Y[i, 1]
+        for m in range(y.shape[0]):
+            for f in range(F):
+                bf = b[f]
+                for th in range(TH):
+                    h = 2 * th + i
+                    if h >= OH:
+                        continue
+                    d0 = np.uint64(((m * F + f) * OH + h) * OW)
+                    s0 = np.uint64(((f * nb + m) * TH + th) * (TW + 1))
+                    for q in range(pairs):   # unsigned, as in _copy
+                        yf[d0 + 2 * q] = even[s0 + q] + bf
+                        yf[d0 + 2 * q + 1] = odd[s0 + q] + bf
+                    if OW % 2:               # the last tile's first column only
+                        yf[d0 + 2 * pairs] = even[s0 + pairs] + bf
+
+
+@njit(cache=True)
+def _next_chunk(x, n, nb, R):
+    """Images n .. n + nb of x (fewer at the end); a short chunk's empty slots in R are zeroed."""
+    chunk = x[n:min(n + nb, x.shape[0])]
+    if chunk.shape[0] < nb:
+        R[:, :, :, chunk.shape[0]:] = 0.0    # the missing images count as zeros
+    return chunk
+
+
+@njit(cache=True)
+def _winograd_input(imgs, pad, BT, R, S, V):
+    """V[4k + l, u] = (B^T d B)[k, l] for every 4x4 tile d of the chunk, padded by pad."""
+    I, _, C, nb, TH, TQ = R.shape
+    n = C * nb * TH * TQ                     # tiles per row or column plane
+    _tile_rows(imgs, pad, R)
+    _mix_rows(BT, R.reshape(2 * I, n), n, S)
+    _mix_columns(BT, S, n, V)
+
+
+@njit(parallel=True, cache=True)
+def _winograd_forward(x, U, b, pad, BT, AT, y, R, S, V, M, Z):
+    N, C = x.shape[0], x.shape[1]
+    F = y.shape[1]
+    nb, TH, TQ = R.shape[4], R.shape[5], R.shape[6]   # R: (threads, 4, 2, C, nb, TH, TW + 1)
+    TE = nb * TH * TQ                        # tiles per channel in a chunk, extra ones included
+    R[:] = 0.0                               # the zero padding, once (see _tile_rows)
+    S[:] = 0.0                               # ... and the spare elements past each row
+    for chunk in prange((N + nb - 1) // nb): # this thread alone writes these images' outputs
+        t = numba.get_thread_id()            # ... using its own buffers
+        n = chunk * nb
+        imgs = _next_chunk(x, n, nb, R[t])
+        _winograd_input(imgs, pad, BT, R[t], S[t], V[t])
+        for ab in range(16):
+            np.dot(U[ab], V[t, ab, :C * TE].reshape(C, TE), M[t, ab, :F * TE].reshape(F, TE))
+        _mix_rows(AT, M[t], F * TE, Z[t])
+        _put_tiles(AT, Z[t], M[t], b, nb, TQ - 1, y[n:n + imgs.shape[0]])
+
+
+def winograd_conv2d_forward(x, W, b, pad):
+    """3x3, stride-1 convolution by Winograd F(2x2, 3x3), a few images per thread;
+    see ``kernels.reference.winograd_conv3x3_forward`` (the algorithm) and
+    ``kernels.reference.conv2d_forward`` (what it computes)."""
+    N, C, H, Wd = x.shape
+    F = W.shape[0]
+    OH, OW = H + 2 * pad - 2, Wd + 2 * pad - 2
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    dtype = np.result_type(x, W)
+    nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
+    TE = nb * TH * (TW + 1)
+    T = numba.get_num_threads()
+    U = reference.winograd_filters(W.astype(dtype, copy=False)).reshape(16, F, C)
+    y = np.empty((N, F, OH, OW), dtype=dtype)
+    buffers = (np.empty((T, 4, 2, C, nb, TH, TW + 1), dtype=dtype),   # R: the rows of every tile row
+               np.empty((T, 8, _row_length(C * TE)), dtype=dtype),   # S = B^T d
+               np.empty((T, 16, _row_length(C * TE)), dtype=dtype),   # V = B^T d B
+               np.empty((T, 16, _row_length(F * TE)), dtype=dtype),   # M = U V
+               np.empty((T, 8, _row_length(F * TE)), dtype=dtype))    # Z = A^T M
+    with _one_blas_thread():
+        _winograd_forward(np.ascontiguousarray(x, dtype), np.ascontiguousarray(U), np.ascontiguousarray(b, dtype),
+                          pad, _BT.astype(dtype), _AT.astype(dtype), y, *buffers)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _winograd_backward(dy, x, UT, pad, param_grads, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dU_chunk,
+                       dU_parts, db_parts):
+    N, C = x.shape[0], x.shape[1]
+    F = dy.shape[1]
+    blocks, nb, TH, TQ = P.shape[0], P.shape[4], P.shape[5], P.shape[6]
+    TE = nb * TH * TQ
+    P[:] = 0.0                               # the 2x2 tiles of dy past its edge stay 0
+    dV[:] = 0.0                              # ... and the zero before each plane (_unmix_columns)
+    R[:] = 0.0
+    S[:] = 0.0
+    dU_parts[:] = 0.0
+    db_parts[:] = 0.0
+    for blk in prange(blocks):               # block blk alone writes its images' dx and dU_parts[blk]
+        chunks = (N + nb - 1) // nb
+        for chunk in range(blk * chunks // blocks, (blk + 1) * chunks // blocks):   # in order:
+            n = chunk * nb                   # the same sums on every run
+            # Mbar = A dY A^T for every 2x2 tile dY of dy: its rows, then its columns
+            dys = _next_chunk(dy, n, nb, P[blk])
+            _tile_rows(dys, 0, P[blk])
+            _mix_rows(A, P[blk].reshape(4, F * TE), F * TE, Q[blk])
+            _mix_columns(A, Q[blk], F * TE, Mbar[blk])
+            # dx: dV = U^T Mbar, then B dV B^T back onto the pixels (every step above, transposed)
+            for ab in range(16):
+                np.dot(UT[ab], Mbar[blk, ab, :F * TE].reshape(F, TE), dV[blk, ab, 1:1 + C * TE].reshape(C, TE))
+            _unmix_columns(BT, dV[blk], C * TE, dS[blk])
+            _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
+            _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
+            if param_grads:                  # dU[ab] += Mbar[ab] V[ab]^T, with V = B^T d B of x
+                _winograd_input(_next_chunk(x, n, nb, R[blk]), pad, BT, R[blk], S[blk], V[blk])
+                for ab in range(16):
+                    np.dot(Mbar[blk, ab, :F * TE].reshape(F, TE), V[blk, ab, :C * TE].reshape(C, TE).T,
+                           dU_chunk[blk])
+                    dU_parts[blk, ab] += dU_chunk[blk]
+                for m in range(dys.shape[0]):
+                    for f in range(F):
+                        db_parts[blk, f] += dys[m, f].sum()
+
+
+def winograd_conv2d_backward(dy, x, W, pad, param_grads=True):
+    """Gradients of ``winograd_conv2d_forward``; see ``kernels.reference.winograd_conv3x3_backward``.
+
+    dx and dW both start from Mbar = A dY A^T, computed once per chunk. dW and
+    db are summed over blocks of consecutive images, one block per thread, and
+    the blocks' sums added in block order: the same numbers on every run.
+    """
+    N, C, H, Wd = x.shape
+    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    dtype = np.result_type(dy, W)
+    nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
+    TE = nb * TH * (TW + 1)
+    UT = reference.winograd_filters(W.astype(dtype, copy=False)).reshape(16, F, C).transpose(0, 2, 1)
+    B = numba.get_num_threads()
+    dx = np.empty((N, C, H, Wd), dtype=dtype)
+    dU_parts = np.empty((B, 16, F, C), dtype=dtype)
+    db_parts = np.empty((B, F), dtype=dtype)
+    x_bufs = 1 if param_grads else 0         # no buffers for V when only dx is wanted
+    with _one_blas_thread():
+        _winograd_backward(
+            np.ascontiguousarray(dy, dtype), np.ascontiguousarray(x, dtype), np.ascontiguousarray(UT), pad,
+            param_grads, _BT.astype(dtype), np.ascontiguousarray(_BT.T, dtype), _A.astype(dtype), dx,
+            np.empty((B, 2, 2, F, nb, TH, TW + 1), dtype=dtype),         # P: rows of dy's 2x2 tiles
+            np.empty((B, 8, _row_length(F * TE)), dtype=dtype),          # Q = A dY
+            np.empty((B, 16, _row_length(F * TE)), dtype=dtype),         # Mbar = A dY A^T
+            np.empty((B, 16, 1 + _row_length(C * TE)), dtype=dtype),     # dV = U^T Mbar, after a 0
+            np.empty((B, 8, _row_length(C * TE)), dtype=dtype),          # dS = dV B^T
+            np.empty((B, 4, 2, C, nb, TH, TW + 1), dtype=dtype),         # dR = B dS
+            np.empty((B, 4, 2, C, nb * x_bufs, TH, TW + 1), dtype=dtype),  # R: rows of x's tile rows
+            np.empty((B, 8, _row_length(C * TE) * x_bufs), dtype=dtype),   # S = B^T d
+            np.empty((B, 16, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
+            np.empty((B, F, C), dtype=dtype), dU_parts, db_parts)         # one chunk's Mbar V^T, and the sums
+    if not param_grads:
+        return dx, None, None
+    dW = reference.winograd_filters_adjoint(dU_parts.sum(axis=0).reshape(4, 4, F, C), dtype)
+    return dx, dW, db_parts.sum(axis=0)
+
+
+# ===== convolution, one image per thread =====
 
 @njit(cache=True, inline="always")
 def _valid_ow(OW, W, kw, stride, pad):
@@ -320,7 +678,13 @@ def _conv2d_forward(x, Wm, b, KH, KW, stride, pad, y, cols):
 
 
 def conv2d_forward(x, W, b, stride, pad):
-    """Fast convolution, one image per thread; see ``kernels.reference.conv2d_forward``."""
+    """Fast convolution, one image per thread; see ``kernels.reference.conv2d_forward``.
+
+    3x3 filters at stride 1 on several channels go to Winograd F(2x2, 3x3)
+    (``winograd_conv2d_forward``), everything else to im2col and one product.
+    """
+    if _winograd_applies(W, stride, pad):
+        return winograd_conv2d_forward(x, W, b, pad)
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = output_size(H, KH, stride, pad), output_size(Wd, KW, stride, pad)
@@ -356,7 +720,12 @@ def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dWT_parts,
 
 
 def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
-    """Fast convolution gradients, one image per thread; see ``kernels.reference.conv2d_backward``."""
+    """Fast convolution gradients, one image per thread; see ``kernels.reference.conv2d_backward``.
+
+    Winograd where ``conv2d_forward`` uses it, im2col otherwise.
+    """
+    if _winograd_applies(W, stride, pad):
+        return winograd_conv2d_backward(dy, x, W, pad, param_grads)
     F, C, KH, KW = W.shape
     dtype = np.result_type(dy, W)
     T = numba.get_num_threads()

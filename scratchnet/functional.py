@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-import kernels
+from . import kernels
 
 from .backend import get_array_module
 

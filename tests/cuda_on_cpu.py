@@ -103,11 +103,11 @@ def make_fake_cupy(build_dir):
 
 def import_gpu_kernels(fake_cupy):
     """A fresh copy of kernels/gpu.py whose ``import cupy`` finds ``fake_cupy``."""
-    import kernels
+    from scratchnet import kernels
     path = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "gpu.py")
     # a name inside the kernels package, so that gpu.py's relative imports work,
-    # and a different one from kernels.gpu, so that a real import is never disturbed
-    spec = importlib.util.spec_from_file_location("kernels._gpu_on_cpu", path)
+    # and a different one from scratchnet.kernels.gpu, so that a real import is never disturbed
+    spec = importlib.util.spec_from_file_location("scratchnet.kernels._gpu_on_cpu", path)
     module = importlib.util.module_from_spec(spec)
     real_cupy = sys.modules.get("cupy")
     sys.modules["cupy"] = fake_cupy

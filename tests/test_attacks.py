@@ -15,7 +15,7 @@ from scratchnet.attacks.magnitudes import float64_copy, log10_loss_grad_norms, l
 from scratchnet.attacks.sources import (attack_gradient, jacobian, loss_dlogits, loss_gradient,
                                         objective_gradient, vjps)
 from scratchnet.attacks.jsma import saliency_pairs
-from kernels.reference import jsma_pair_search as reference_pair_search
+from scratchnet.kernels.reference import jsma_pair_search as reference_pair_search
 from scratchnet.gradcheck import assert_close_gradients, numerical_vjp
 from scratchnet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from scratchnet.losses import softmax_cross_entropy

@@ -21,8 +21,8 @@ import subprocess
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
+from scratchnet import kernels
+from scratchnet.kernels import reference
 
 from cuda_on_cpu import import_gpu_kernels, make_fake_cupy
 from kernel_cases import CONV_CASES, POOL_CASES

@@ -67,8 +67,8 @@ def test_relu():
 def test_relu_of_the_gpu_kernel_table_equals_the_reference():
     """The GPU table takes relu_forward from ``kernels``' generic version (array methods
     only, so it runs on NumPy here); it must equal the reference, NaN and -0.0 included."""
-    import kernels
-    from kernels import reference
+    from scratchnet import kernels
+    from scratchnet.kernels import reference
     generic = kernels._generic_kernels(reference.im2col, reference.col2im)
     x = np.concatenate([spread((40,)), [np.nan, -0.0, 0.0, -np.inf, np.inf]])
     y_generic, y_reference = generic["relu_forward"](x), reference.relu_forward(x)

@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
+from scratchnet import kernels
+from scratchnet.kernels import reference
 
 FORMULATION_RESCALE = {"exact": True, "paper": False}
 

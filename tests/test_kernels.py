@@ -3,13 +3,15 @@
 im2col and max pooling are copies and comparisons, so they must match
 exactly; col2im adds floating-point numbers in another order, so it gets a
 tight tolerance. The GPU implementation runs through the same tests where a
-CUDA device is present and is skipped with the reason otherwise.
+CUDA device is present and is skipped with the reason otherwise. The CPU has
+no batch im2col / col2im of its own (its convolutions unfold one image at a
+time; see test_kernels_fast.py): the registry hands it the reference ones.
 """
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
+from scratchnet import kernels
+from scratchnet.kernels import reference
 from scratchnet.backend import gpu_available, to_numpy
 
 from kernel_cases import CONV_CASES, POOL_CASES
@@ -26,10 +28,19 @@ def impl(request):
     return "cpu", np
 
 
+@pytest.fixture
+def gpu_impl():
+    ok, reason = gpu_available()
+    if not ok:
+        pytest.skip(f"GPU kernels not testable here: {reason}")
+    import cupy
+    return "gpu", cupy
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_im2col_col2im_match_reference(impl, case, dtype):
-    name, xp = impl
+def test_im2col_col2im_match_reference(gpu_impl, case, dtype):
+    name, xp = gpu_impl
     N, C, H, W, KH, KW, stride, pad = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
@@ -51,12 +62,11 @@ def test_col2im_is_the_adjoint_of_im2col(case):
     N, C, H, W, KH, KW, stride, pad = case
     rng = np.random.default_rng(1)
     x = rng.standard_normal((N, C, H, W))
-    for name in ("reference", "cpu"):
-        cols = kernels.get("im2col", impl=name)(x, KH, KW, stride, pad)
-        c = rng.standard_normal(cols.shape)
-        lhs = np.sum(cols * c)
-        rhs = np.sum(x * kernels.get("col2im", impl=name)(c, x.shape, KH, KW, stride, pad))
-        assert abs(lhs - rhs) < 1e-10 * max(1, abs(lhs)), name
+    cols = reference.im2col(x, KH, KW, stride, pad)
+    c = rng.standard_normal(cols.shape)
+    lhs = np.sum(cols * c)
+    rhs = np.sum(x * reference.col2im(c, x.shape, KH, KW, stride, pad))
+    assert abs(lhs - rhs) < 1e-10 * max(1, abs(lhs))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -95,5 +105,9 @@ def test_registry_errors():
 
 
 def test_registry_picks_cpu_for_numpy():
-    from kernels import cpu
-    assert kernels.get("im2col", np) is cpu.im2col
+    from scratchnet.kernels import cpu
+    assert kernels.get("conv2d_forward", np) is cpu.conv2d_forward
+    assert kernels.get("maxpool_forward", np) is cpu.maxpool_forward
+    # no batch im2col on the CPU: the reference's, which is plain NumPy
+    assert kernels.get("im2col", np) is reference.im2col
+    assert kernels.get("col2im", np) is reference.col2im

@@ -1,19 +1,22 @@
 """The whole-layer kernels (convolution, ReLU) against their references.
 
-``kernels/cpu.py`` runs a convolution one image per thread, with its own
-unfold / fold loops and BLAS products; these tests hold it to
-``kernels/reference.py`` (im2col and one big matrix product) on odd shapes,
-strides, paddings and batch sizes that do not split evenly over the threads.
-The GPU has no conv kernel of its own: it gets the generic composition of its
-im2col / col2im with CuPy's matrix product, which is tested here on NumPy
-arrays (from the reference im2col / col2im) and, where a CUDA device is
-present, on the GPU itself.
+``kernels/cpu.py`` runs a convolution either by Winograd F(2x2, 3x3) (3x3
+filters, stride 1, at least ``WINOGRAD_MIN_CHANNELS`` input channels) or by
+im2col one image per thread; these tests hold both to ``kernels/reference.py``
+(im2col and one big matrix product) on odd shapes, strides, paddings and batch
+sizes that do not split evenly over the threads or into the Winograd kernels'
+chunks of images, in float32 and float64. The Winograd algorithm itself has a
+plain NumPy version in ``kernels/reference.py``, checked here against the
+im2col reference too. The GPU has no conv kernel of its own: it gets the
+generic composition of its im2col / col2im with CuPy's matrix product, which is
+tested here on NumPy arrays (from the reference im2col / col2im) and, where a
+CUDA device is present, on the GPU itself.
 """
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
+from scratchnet import kernels
+from scratchnet.kernels import reference
 from scratchnet.backend import gpu_available, to_numpy
 from scratchnet.losses import softmax_cross_entropy
 from scratchnet.model import papernot_mnist
@@ -27,6 +30,13 @@ CONV_CASES = [
     (1, 4, 6, 6, 3, 5, 5, 1, 3),     # padding larger than half the kernel: whole rows of zeros
     (7, 1, 28, 28, 4, 3, 3, 1, 0),   # the Papernot network's first layer, odd batch
     (13, 6, 10, 10, 5, 3, 3, 1, 0),  # more images than threads, not a multiple of them
+    # 3x3, stride 1, C >= WINOGRAD_MIN_CHANNELS (16): Winograd on the CPU
+    (3, 16, 7, 9, 5, 3, 3, 1, 1),    # odd output sizes (7 x 9): half-used last tiles
+    (5, 16, 5, 6, 3, 3, 3, 1, 2),    # padding 2
+    (2, 17, 4, 4, 2, 3, 3, 1, 3),    # padding 3: tiles of nothing but zeros
+    (2, 16, 3, 3, 2, 3, 3, 1, 0),    # a 1x1 output: one tile, three quarters outside
+    (9, 32, 12, 12, 64, 3, 3, 1, 0), # the network's third layer; 9 images split into chunks unevenly
+    (3, 32, 26, 26, 32, 3, 3, 1, 0), # the network's second layer
 ]
 
 
@@ -88,6 +98,113 @@ def test_conv2d_backward_is_the_adjoint_of_forward():
     assert abs(np.sum(y * dy) - np.sum(w * dW)) < 1e-10 * np.sum(np.abs(y * dy))   # linear in w too
 
 
+# ===== Winograd F(2x2, 3x3) =====
+
+def _winograd_case(N, C, H, W, F, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((N, C, H, W)).astype(dtype), rng.standard_normal((F, C, 3, 3)).astype(dtype),
+            rng.standard_normal(F).astype(dtype))
+
+
+def test_cpu_sends_the_papernot_layers_to_the_intended_algorithm():
+    from scratchnet.kernels import cpu
+    model = papernot_mnist(seed=0)
+    uses = [cpu._winograd_applies(model[f"conv{i}.W"], 1, 0) for i in (1, 2, 3, 4)]
+    assert uses == [False, True, True, True]          # one input channel: im2col; the rest: Winograd
+    assert not cpu._winograd_applies(np.zeros((4, 32, 3, 3)), 2, 1)    # stride 2
+    assert not cpu._winograd_applies(np.zeros((4, 32, 5, 5)), 1, 2)    # 5x5
+    assert not cpu._winograd_applies(np.zeros((4, 8, 3, 3)), 1, 1)     # too few channels to pay off
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 8, 4, 0), (3, 2, 9, 6, 3, 1), (2, 1, 5, 5, 2, 2), (1, 2, 3, 4, 2, 3),
+                                   (4, 6, 12, 12, 5, 0)])
+def test_reference_winograd_is_the_convolution(shape, dtype):
+    """The NumPy Winograd (the algorithm's specification) equals the im2col convolution."""
+    N, C, H, W, F, pad = shape
+    x, w, b = _winograd_case(N, C, H, W, F, dtype)
+    rtol, atol = (1e-5, 1e-5) if dtype == np.float32 else (1e-12, 1e-12)
+    y = reference.winograd_conv3x3_forward(x, w, b, pad)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=rtol, atol=atol)
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+    for name, got, want in zip(("dx", "dW", "db"), reference.winograd_conv3x3_backward(dy, x, w, pad),
+                               reference.conv2d_backward(dy, x, w, 1, pad)):
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * N * H * W, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 1, 6, 7, 3, 1), (3, 3, 9, 9, 2, 0), (0, 4, 8, 8, 2, 1)])
+def test_cpu_winograd_kernels_match_the_reference_algorithm(shape, dtype):
+    """Called directly, the CPU Winograd kernels take any channel count (even the first
+    layer's one) and an empty batch."""
+    from scratchnet.kernels import cpu
+    N, C, H, W, F, pad = shape
+    x, w, b = _winograd_case(N, C, H, W, F, dtype)
+    rtol, atol = (1e-4, 1e-4) if dtype == np.float32 else (1e-12, 1e-12)
+    y = cpu.winograd_conv2d_forward(x, w, b, pad)
+    np.testing.assert_allclose(y, reference.winograd_conv3x3_forward(x, w, b, pad), rtol=rtol, atol=atol)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(dtype)
+    got = cpu.winograd_conv2d_backward(dy, x, w, pad)
+    want = reference.winograd_conv3x3_backward(dy, x, w, pad)
+    for name, g, r in zip(("dx", "dW", "db"), got, want):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * max(N, 1) * H * W, err_msg=name)
+
+
+def test_winograd_chunks_of_images_give_the_same_result(monkeypatch):
+    """A thread takes several images per chunk; chunks of 1, 3 (10 images: a short last
+    chunk) and 10 images all give the reference's numbers."""
+    from scratchnet.kernels import cpu
+    x, w, b = _winograd_case(10, 16, 10, 10, 6, np.float64)
+    assert cpu._winograd_applies(w, 1, 0)
+    dy = np.random.default_rng(3).standard_normal((10, 6, 8, 8))
+    want_y = reference.conv2d_forward(x, w, b, 1, 0)
+    want = reference.conv2d_backward(dy, x, w, 1, 0)
+    for images in (1, 3, 10):
+        monkeypatch.setattr(cpu, "_chunk", lambda N, *sizes: images)
+        np.testing.assert_allclose(cpu.conv2d_forward(x, w, b, 1, 0), want_y, rtol=1e-12, atol=1e-12)
+        for g, r in zip(cpu.conv2d_backward(dy, x, w, 1, 0), want):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-11)
+        dx_only, dW, db = cpu.conv2d_backward(dy, x, w, 1, 0, False)
+        assert dW is None and db is None
+        np.testing.assert_allclose(dx_only, want[0], rtol=1e-12, atol=1e-11)
+
+
+def test_winograd_chunk_size_fits_the_budget():
+    from scratchnet.kernels import cpu
+    assert cpu._chunk(128, 32, 32, 12, 12, 4) == 1            # the second layer: one image per chunk
+    assert 2 <= cpu._chunk(128, 64, 64, 4, 4, 4) <= 8         # the fourth: several
+    assert cpu._chunk(3, 64, 64, 4, 4, 4) <= 3                # never more than the batch
+    assert cpu._chunk(0, 64, 64, 4, 4, 4) == 1
+
+
+def test_winograd_backward_is_the_adjoint_of_forward():
+    """<conv(x), dy> == <x, dx> and == <W, dW> (no bias) through the Winograd kernels."""
+    from scratchnet.kernels import cpu
+    x, w, _ = _winograd_case(6, 16, 9, 8, 4, np.float64, seed=4)
+    y = cpu.conv2d_forward(x, w, np.zeros(4), 1, 1)
+    dy = np.random.default_rng(5).standard_normal(y.shape)
+    dx, dW, _ = cpu.conv2d_backward(dy, x, w, 1, 1)
+    assert cpu._winograd_applies(w, 1, 1)
+    assert abs(np.sum(y * dy) - np.sum(x * dx)) < 1e-10 * np.sum(np.abs(y * dy))
+    assert abs(np.sum(y * dy) - np.sum(w * dW)) < 1e-10 * np.sum(np.abs(y * dy))
+
+
+def test_winograd_gradients_are_the_same_numbers_every_run():
+    """dW and db are sums over the batch; they are added in a fixed order, so two runs agree
+    to the last bit (what makes training reproducible)."""
+    from scratchnet.kernels import cpu
+    x, w, _ = _winograd_case(37, 16, 12, 12, 8, np.float32, seed=6)
+    assert cpu._winograd_applies(w, 1, 0)
+    dy = np.random.default_rng(7).standard_normal((37, 8, 10, 10)).astype(np.float32)
+    first = cpu.conv2d_backward(dy, x, w, 1, 0)
+    for _ in range(3):
+        for a, b in zip(first, cpu.conv2d_backward(dy, x, w, 1, 0)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_relu_matches_reference_including_nan_and_infinities():
     x = np.array([[-np.inf, -2.0, -1e-30, 0.0, 1e-30, 3.0, np.inf, np.nan]], dtype=np.float32)
     dy = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, np.nan]], dtype=np.float32)
@@ -117,7 +234,7 @@ def test_relu_random_arrays(shape):
 
 def test_cpu_kernels_keep_blas_on_one_thread():
     """Numba's threads call BLAS; BLAS starting threads of its own would oversubscribe the cores."""
-    from kernels import cpu
+    from scratchnet.kernels import cpu
     threads = cpu.describe_threads()
     assert threads["blas_threads"] == 1, threads
     assert threads["numba_threads"] >= 1

@@ -76,7 +76,7 @@ import math
 import numpy as np
 from ..progress import tqdm          # a bar on a terminal, a line now and then in a log
 
-import kernels
+from .. import kernels
 from ..backend import get_array_module, to_numpy
 from ..losses import check_formulation
 from .common import batches, make_result, prepare

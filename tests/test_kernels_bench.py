@@ -1,0 +1,50 @@
+"""experiments/bench.py, the kernels' benchmark: its options, its failure on a missing
+GPU, and the figures it writes (timed on tiny batches: no speed is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scratchnet.backend import gpu_available
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench.py")
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_without_a_gpu_is_one_clear_line():
+    ok, _ = gpu_available()
+    if ok:
+        pytest.skip("a CUDA device is present here, so --device gpu would run")
+    done = _run("--device", "gpu", "--no-torch")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("bench.py: error: --device gpu: ")
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_option_is_an_argparse_error():
+    done = _run("--repeats", "0")
+    assert done.returncode == 2 and "--repeats must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_writes_throughput_memory_epoch_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    done = _run("--repeats", "1", "--warmup", "1", "--train-batch", "8", "--grad-batch", "8", "--threads", "1",
+                "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    for library in ["scratchnet"] + (["torch"] if "torch" in figures else []):
+        for which in ("train", "input_grad"):
+            r = figures[library][which]
+            assert r["images_per_s"] > 0 and r["cpu_seconds"] > 0 and r["peak_mib"] > 0, (library, which)
+    assert figures["scratchnet"]["train"]["threads"]["numba_threads"] == 1
+    assert figures["scratchnet_epoch_s"] == pytest.approx(55000 / figures["scratchnet"]["train"]["images_per_s"])
+    assert "55,000-image training epoch" in done.stdout
+    if "torch" in figures:
+        assert {"train", "input_grad"} <= set(figures["ratio"])
+        assert figures["torch"]["train"]["threads"]["num_threads"] == 1
