@@ -41,7 +41,7 @@ interval (``scratchnet.stats``).
 
 Usage::
 
-    python experiments/attack_vs_T.py --quick        # 10 to 20 minutes on 2 CPU cores
+    python experiments/attack_vs_T.py --quick        # 5 minutes on 2 busy CPU cores, models cached
     python experiments/attack_vs_T.py                # the full study
 
 Outputs in ``--out`` (default ``results/attack_vs_T`` or ``results/attack_vs_T_quick``):
