@@ -213,3 +213,32 @@ def test_attack_help_names_the_formulations_and_their_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--formulation {exact,paper}" in out
     assert "'exact' (default" in out and "an error with --attack cw" in out
+
+
+# ===== attack_vs_T's options for the paper budget =====
+
+def test_attack_vs_T_settings_paper_budget_and_attack_selection():
+    import argparse
+    from scratchnet.cli import UsageError
+    from scratchnet.study import attack_vs_T, common
+
+    parser = argparse.ArgumentParser()
+    common.add_common_options(parser, attack_vs_T.QUICK)
+    attack_vs_T.add_options(parser)
+
+    def settings(*argv):
+        args = parser.parse_args(["--quick", *argv])
+        return attack_vs_T.attack_settings(args, common.settings_from(args, attack_vs_T.QUICK, attack_vs_T.FULL))
+
+    s = settings()
+    assert s["cw"] == attack_vs_T.CW_DEFAULT_BUDGET and s["attacks"] == ["jsma", "fgsm", "cw"]
+    assert [a for a, _ in attack_vs_T.attack_plan(s)] == ["jsma", "fgsm", "fgsm", "fgsm", "cw"]
+    s = settings("--cw-paper-budget", "--attacks", "cw", "--n-cw", "3")
+    assert s["cw"] == PAPER_BUDGET and attack_vs_T.attack_plan(s) == [("cw", None)]
+    # the budget is part of the result's key: the two budgets never share a stored result
+    keys = [attack_vs_T.attack_key("m", "cw", "fixed", 1.0, x) for x in (settings("--n-cw", "3"), s)]
+    assert keys[0] != keys[1] and keys[1]["steps"] == 10000
+    with pytest.raises(UsageError, match="runs nothing"):
+        settings("--attacks", "cw", "--n-cw", "0")
+    # the full run attacks 100 source images x 9 targets with JSMA
+    assert attack_vs_T.FULL["n"] * 9 == 900
