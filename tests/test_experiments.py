@@ -9,6 +9,7 @@ module-wide cache folder, and shared by all the tests.
 """
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import mnist_dir, needs_mnist
 
+from scratchnet.stats import ratio_interval, wilson
 from scratchnet.study import attack_vs_T, grad_vs_T, saturation
 from scratchnet.study import distillation as distillation_vs_temperature
 
@@ -79,6 +81,20 @@ def test_grad_vs_T(work):
     assert float(row("standard", 1, "masked")["suppression_log10_geomean"]) == 0.0
     assert "log10 suppression" in proc.stdout
 
+    # the prediction with the margin gradient's growth, and Papernot et al.'s float32 statistic
+    hot, std = row("temperature", 30, "masked"), row("standard", 1, "masked")
+    assert float(std["logit_gradient_growth_log10"]) == 0.0 and float(std["float32_suppression_log10_mean_all"]) == 0.0
+    assert float(hot["logit_gradient_growth_log10"]) > 0                   # the logits, and dM/dx, grow with T
+    assert float(hot["predicted_log10_with_logit_growth"]) == pytest.approx(
+        float(hot["predicted_log10_from_mean_margin"]) + float(hot["logit_gradient_growth_log10"]), abs=1e-4)
+    for r in rows:
+        if r["source"] == "masked":
+            # a plain float32 mean over all images: finite here (no model is saturated everywhere)
+            assert float(r["float32_l1_mean_all"]) > 0 and float(r["zero_gradient_fraction"]) < 1
+            assert float(r["float32_log10_l1_mean_all"]) == pytest.approx(
+                math.log10(float(r["float32_l1_mean_all"])), abs=1e-4)
+    assert "Papernot et al.'s kind of statistic" in proc.stdout
+
     # a rerun reuses every model and every result: nothing is trained or measured again
     before = sorted(os.listdir(out / "parts"))
     again = run("grad_vs_T.py", TINY + ["--n", "40", "--cache-dir", work["cache"], "--out", str(out)], work["root"])
@@ -97,12 +113,19 @@ def test_attack_vs_T(work):
         assert (out / name).stat().st_size > 0
     columns, rows = read_csv(out / "attack_vs_T.csv")
     assert columns == attack_vs_T.COLUMNS
-    # 3 models x (JSMA, FGSM at one eps, C&W) x (masked, fixed)
-    assert len(rows) == 18
+    # 3 models x (JSMA and FGSM at one eps, each in 2 formulations, and C&W) x (masked, fixed)
+    assert len(rows) == 3 * 5 * 2
     for r in rows:
         n_correct, n_success = int(r["n_correct"]), int(r["n_success"])
         assert 0 <= n_success <= n_correct <= int(r["n_images"])
         assert int(r["n_attempts"]) == n_correct
+        assert r["formulation"] == ("" if r["attack"] == "cw" else r["formulation"])
+        assert r["formulation"] in (("",) if r["attack"] == "cw" else ("exact", "paper"))
+        if n_correct:                                          # every rate with its Wilson interval
+            lo, hi = wilson(n_success, n_correct)
+            assert float(r["success_lo"]) == pytest.approx(lo, abs=1e-5)
+            assert float(r["success_hi"]) == pytest.approx(hi, abs=1e-5)
+            assert float(r["success_lo"]) <= float(r["success_rate"]) <= float(r["success_hi"])
         if r["attack"] == "jsma":
             assert int(r["n_images"]) == 2 * 9                 # every source image at its 9 other classes
         if r["source"] == "masked":
@@ -113,6 +136,16 @@ def test_attack_vs_T(work):
     assert all(r["wrt"] == "logits" for r in cw_fixed)
     assert "success rate over correctly classified images" in proc.stdout
     assert "Carlini and Wagner" in proc.stdout
+    # every rate of a T = 30 model against the standard model's, with its Katz interval
+    columns, ratios = read_csv(out / "attack_vs_T_ratios.csv")
+    assert columns == attack_vs_T.RATIO_COLUMNS
+    with_attempts = [r for r in rows if r["recipe"] != "standard" and int(r["n_attempts"]) > 0]
+    assert len(ratios) == len(with_attempts) > 0
+    for r in ratios:
+        k1, n1, k2, n2 = (int(r[c]) for c in ("base_success", "base_attempts", "n_success", "n_attempts"))
+        assert (float(r["fewer"]), float(r["fewer_lo"]), float(r["fewer_hi"])) == pytest.approx(
+            ratio_interval(k1, n1, k2, n2), rel=1e-5)
+    assert "x fewer [95 %]" in proc.stdout and "paper arithmetic" in proc.stdout
 
 
 def test_distillation_vs_temperature(work):

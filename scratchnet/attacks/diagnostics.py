@@ -15,6 +15,23 @@ the softmax carries a factor p_i (delta_ij - p_j); for a confident image that
 is about exp(-M), i.e. log10 factor = -M / ln 10 (``log10_factor_predicted``),
 next to the exact log10(1 - p_top) (``log10_factor_measured``).
 
+The prediction has two factors. For a confident image the loss gradient is
+about exp(-M) times the gradient of the margin itself, dM/dx (see
+``magnitudes``), and training at T grows the logits, so dM/dx grows too:
+``margin_grad_log10_l2`` measures it, and ``loss_log10_l2_predicted`` =
+-M / ln 10 + log10 ||dM/dx|| is the per-image prediction of the loss
+gradient's true size with both factors.
+
+Papernot et al.'s figure is a different quantity: the amplitude of the
+adversarial gradient (the Jacobian of the softmax output, what JSMA uses) as
+their float32 framework computed it, averaged over test images. Its like
+here is ``probs_f32_row_l1`` (the L1 norm of each float32 Jacobian row,
+averaged over the K rows, all in float32) summarised by
+``float32_plain_mean``: a plain float32 mean over images, beside the fraction
+of images whose float32 Jacobian is exactly zero. It cannot go below float32's
+smallest number (1.4e-45) and is dominated by the few unsaturated images,
+so it is *not* comparable with the float64 log-space sizes above.
+
 Summaries (``summarize``): at a high T most correct images have an exactly
 zero float32 gradient, and the few unsaturated ones have *larger* gradients
 than at T = 1. A plain mean is dominated by those few and can show no
@@ -31,7 +48,8 @@ from .. import functional as F
 from ..backend import to_numpy
 from ..functional import check_T, log_one_minus_p, logit_margins
 from .common import batches
-from .magnitudes import LN10, float64_copy, log10_loss_grad_norms, log10_probs_jacobian_norms
+from .magnitudes import (LN10, float64_copy, log10_loss_grad_norms, log10_margin_grad_norms,
+                         log10_probs_jacobian_norms)
 from .sources import jacobian, loss_gradient
 
 
@@ -43,6 +61,27 @@ def _norms(g):
     a = np.abs(g.astype(np.float64))
     return {"l1": a.sum(axis=1), "l2": np.sqrt((a * a).sum(axis=1)), "linf": a.max(axis=1),
             "zero_frac": zero.mean(axis=1), "all_zero": zero.all(axis=1)}
+
+
+def float32_row_l1(J):
+    """The float32 amplitude of a Jacobian, per image, all arithmetic in J's dtype.
+
+    Parameters
+    ----------
+    J : (N, K, C, H, W) or (N, C, H, W) gradients as the model computed them
+        (float32 for a deployed model); a 4-D array is one row per image
+
+    Returns
+    -------
+    (N,) in J's dtype: the L1 norm of each row (sum of |entries| over the
+    pixels), averaged over the K rows. Summed in J's own dtype, as a float32
+    framework would; exactly 0 only where every entry is exactly 0.
+    """
+    J = to_numpy(J)
+    N = J.shape[0]
+    rows = J.reshape(N, 1, -1) if J.ndim == 4 else J.reshape(N, J.shape[1], -1)   # (N, K, pixels)
+    l1 = np.abs(rows).sum(axis=2, dtype=J.dtype)             # (N, K), float32 sums
+    return l1.mean(axis=1, dtype=J.dtype)                    # (N,), float32 mean over rows
 
 
 def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, progress=False):
@@ -71,8 +110,13 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
     ``loss_zero_frac, loss_all_zero``: exact zeros in the model's dtype
     ``loss_log10_l1, loss_log10_l2, loss_log10_linf``: true log10 norms (float64, log space)
     ``loss_log10_factor``: log10 of the softmax factor max_j |p_j - t_j|
+    ``loss_f32_l1``: the L1 norm of d CE / dx summed in the model's dtype (``float32_row_l1``)
+    ``margin_grad_log10_l2``: true log10 ||dM / dx||_2 of the margin M (float64)
+    ``loss_log10_l2_predicted`` = -M / ln 10 + margin_grad_log10_l2: the loss
+        gradient's size predicted from the margin and its gradient
     and the same ``probs_*`` for the whole probability Jacobian d softmax(z / T) / dx
-    (all K rows), plus ``T`` (a float).
+    (all K rows; ``probs_f32_row_l1`` is the float32 L1 norm of each row averaged
+    over the rows: Papernot et al.'s amplitude), plus ``T`` (a float).
     """
     T = check_T(T)
     xp = model.xp
@@ -89,9 +133,11 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
         out["pred"] = to_numpy(z.argmax(axis=1))
         out["top_prob"] = to_numpy(p.max(axis=1))
         out.update({f"loss_{k}": v for k, v in _norms(g).items()})
+        out["loss_f32_l1"] = float32_row_l1(g)
         if probs:
             J, _ = jacobian(model, xb, "probs", T)
             out.update({f"probs_{k}": v for k, v in _norms(J).items()})
+            out["probs_f32_row_l1"] = float32_row_l1(J)
         # --- true magnitudes (float64, log space) ---
         true = log10_loss_grad_norms(model64, xb, yb, T)
         for k in ("l1", "l2", "linf"):
@@ -101,6 +147,7 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
         out["margin"] = logit_margins(z64 / T)                  # the margin of z / T: the temperature
         logp = F.log_softmax(z64, T)
         out["log10_factor_measured"] = log_one_minus_p(logp, logp.argmax(axis=1)) / LN10
+        out["margin_grad_log10_l2"] = to_numpy(log10_margin_grad_norms(model64, xb, T))
         if probs:
             tj = log10_probs_jacobian_norms(model64, xb, T)
             for k in ("l1", "l2", "linf"):
@@ -111,6 +158,8 @@ def gradient_diagnostics(model, x, labels, T=1.0, batch_size=100, probs=True, pr
     diag["correct"] = diag["pred"] == diag["label"]
     diag["saturated"] = diag["top_prob"] == 1.0
     diag["log10_factor_predicted"] = -diag["margin"] / LN10
+    # the loss gradient ~ exp(-M) * dM/dx for a confident image (see magnitudes.py)
+    diag["loss_log10_l2_predicted"] = diag["log10_factor_predicted"] + diag["margin_grad_log10_l2"]
     diag["T"] = T
     return diag
 
@@ -159,6 +208,44 @@ def summarize(values, mask=None, log10=False):
             "log10_mean_PITFALL": float(log_mean)}
 
 
+def float32_plain_mean(values, mask=None):
+    """Papernot et al.'s kind of average: a plain mean over images, in float32.
+
+    Parameters
+    ----------
+    values : (N,) float32 per-image amplitudes (``loss_f32_l1``, ``probs_f32_row_l1``)
+    mask : (N,) bool, which images to include (default all)
+
+    Returns
+    -------
+    dict: n, mean (the float32 mean, as a Python float), log10_mean (-inf where
+    the mean is 0), fraction_zero (images whose float32 amplitude is exactly 0),
+    log10_median (-inf once half the images are exactly 0), and
+    log10_geometric_mean_nonzero (the mean of log10 over the images whose
+    float32 amplitude is not 0: what a histogram of amplitudes on a log axis
+    shows of the images float32 has not flushed to zero).
+
+    The mean is accumulated in float32, as a float32 framework does; a mean of
+    numbers that are all >= 1.4e-45 or exactly 0 is exactly 0 or >= 1.4e-45 / N.
+    """
+    v = np.asarray(values)
+    if v.dtype != np.float32:
+        raise ValueError(f"float32_plain_mean averages float32 amplitudes, got dtype {v.dtype}")
+    if mask is not None:
+        v = v[np.asarray(mask, dtype=bool)]
+    if len(v) == 0:
+        nan = float("nan")
+        return {"n": 0, "mean": nan, "log10_mean": nan, "fraction_zero": nan, "log10_median": nan,
+                "log10_geometric_mean_nonzero": nan}
+    mean = float(v.mean(dtype=np.float32))
+    median = float(np.median(v))
+    nonzero = v[v != 0].astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return {"n": int(len(v)), "mean": mean, "log10_mean": float(np.log10(mean)),
+                "fraction_zero": float((v == 0).mean()), "log10_median": float(np.log10(median)),
+                "log10_geometric_mean_nonzero": float(np.log10(nonzero).mean()) if len(nonzero) else -math.inf}
+
+
 def summarize_by_correctness(diag, key):
     """``summarize`` of diag[key] over correct, misclassified and all images.
 
@@ -177,14 +264,24 @@ def compare_suppression(diag, ref, key="loss_log10_l2"):
     the geometric means (and of the medians) of the true gradient norms; the
     prediction from the margins is -(mean margin - mean ref margin) / ln 10.
     A negative number means a smaller gradient than the reference.
+
+    The margin alone leaves out the growth of the margin's own gradient with T
+    (the logits grow T-fold, and so does dM/dx): ``logit_gradient_growth_log10``
+    is the difference of the geometric means of ||dM/dx||, and
+    ``predicted_log10_with_logit_growth`` adds it to the margin's prediction.
     """
     a = summarize(diag[key], diag["correct"], log10="log10" in key)
     b = summarize(ref[key], ref["correct"], log10="log10" in key)
     ma, mb = diag["margin"][diag["correct"]], ref["margin"][ref["correct"]]
+    growth = (diag["margin_grad_log10_l2"][diag["correct"]].mean()
+              - ref["margin_grad_log10_l2"][ref["correct"]].mean())
+    from_margin = -(ma.mean() - mb.mean()) / LN10
     return {"measured_log10_geometric_mean": a["log10_geometric_mean"] - b["log10_geometric_mean"],
             "measured_log10_median": a["log10_median"] - b["log10_median"],
-            "predicted_log10_from_mean_margin": -(ma.mean() - mb.mean()) / LN10,
+            "predicted_log10_from_mean_margin": from_margin,
             "predicted_log10_from_median_margin": -(np.median(ma) - np.median(mb)) / LN10,
+            "logit_gradient_growth_log10": float(growth),
+            "predicted_log10_with_logit_growth": float(from_margin + growth),
             "mean_margin": float(ma.mean()), "ref_mean_margin": float(mb.mean())}
 
 

@@ -12,6 +12,17 @@ never underflow), backprop the well-scaled u in float64, and add s back::
 
 What is differentiated (the loss, the probabilities at T) is defined in
 ``sources.py``; ``diagnostics.py`` reports these numbers image by image.
+
+Where the size comes from. For a confidently classified image the loss
+gradient is dominated by the runner-up class r (top class y)::
+
+    dCE/dz = (p - e_y) / T  ~  p_r (e_r - e_y) / T
+    dCE/dx ~ -p_r * d[(z_y - z_r) / T] / dx,      p_r ~ exp(-M),  M = (z_y - z_r) / T
+
+so log10 ||dCE/dx|| ~ -M / ln 10 + log10 ||dM/dx||: the softmax factor
+exp(-M) *times* the gradient of the margin itself (``log10_margin_grad_norms``).
+Training at T grows the logits about T-fold, and with them dM/dx: the second
+term is the part of the suppression that the margin alone does not predict.
 """
 import math
 
@@ -138,3 +149,36 @@ def log10_probs_jacobian_norms(model64, x, T=1.0):
             "l1": logsumexp(rows["l1"] * LN10, axis=1) / LN10,
             "l2": 0.5 * logsumexp(2 * rows["l2"] * LN10, axis=1) / LN10,
             "linf": rows["linf"].max(axis=1)}
+
+
+def log10_margin_grad_norms(model64, x, T=1.0):
+    """log10 L2 norm of the gradient of the logit margin M = (z_top - z_runner-up) / T, per image.
+
+    The classes are the top and runner-up logits of each image (not its label),
+    as in ``functional.logit_margins``. M is a difference of logits: nothing
+    saturates and nothing underflows, so a plain float64 backward is exact.
+
+    Parameters
+    ----------
+    model64 : a float64 model (see ``float64_copy``)
+    x : (N, C, H, W) images (cast to float64)
+    T : float > 0, the temperature M is measured at (the margin of z / T)
+
+    Returns
+    -------
+    (N,) log10 ||dM / dx||_2 (-inf only where the gradient is truly zero)
+    """
+    T = check_T(T)
+    xp = get_array_module(x)
+    z = model64.logits(x.astype(xp.float64))
+    N, K = z.shape
+    order = xp.argsort(z, axis=1)
+    top, runner = order[:, -1], order[:, -2]
+    rows = xp.arange(N)
+    dz = xp.zeros_like(z)
+    dz[rows, top] = 1.0
+    dz[rows, runner] = -1.0
+    dz = dz / T                                  # the temperature: M is the margin of z / T
+    dx = input_backward(model64, dz).reshape(N, -1)
+    with np.errstate(divide="ignore"):
+        return xp.log10(xp.sqrt((dx * dx).sum(axis=1)))

@@ -7,6 +7,8 @@ Examples::
     # Carlini and Wagner's fix on the same model: the logits, or softmax(z / T_train)
     python -m scratchnet attack model_T100.npz --attack jsma --wrt logits
     python -m scratchnet attack model_T100.npz --attack fgsm --wrt loss --T train --eps 0.2
+    # the published float32 arithmetic (JSMA's raw products, softmax - onehot) instead of the exact one
+    python -m scratchnet attack model_T100.npz --attack jsma --formulation paper
 
 Where to read on: the attacks are ``scratchnet/attacks/`` (``jsma.py`` and
 the gradient sources it differentiates, ``sources.py``), the diagnostics
@@ -30,6 +32,8 @@ DEFAULT_WRT = {"fgsm": "loss", "pgd": "loss", "jsma": "probs", "cw": "logits"}
 ALLOWED_WRT = {"fgsm": ("probs", "logits", "loss"), "pgd": ("probs", "logits", "loss"),
                "jsma": ("probs", "logits"), "cw": ("logits", "probs")}
 DEFAULT_TARGET = {"fgsm": "none", "pgd": "none", "jsma": "random", "cw": "none"}
+FORMULATIONS = ("exact", "paper")
+WITH_FORMULATION = ("fgsm", "pgd", "jsma")     # C&W's f6 on the logits has one arithmetic only
 
 
 def add_parser(sub):
@@ -47,6 +51,11 @@ def add_parser(sub):
     parser.add_argument("--T", type=temperature_or_train, default=1.0, metavar="T",
                         help="softmax temperature of the differentiated output: a number (1 = as deployed), "
                              "or 'train' for the model's training temperature (Carlini-Wagner's rescaling)")
+    parser.add_argument("--formulation", choices=FORMULATIONS, default=None,
+                        help="jsma, fgsm and pgd only: 'exact' (default: JSMA's pair scores rescaled so "
+                             "float32 products do not underflow, the cross-entropy gradient without the "
+                             "1 - p cancellation) or 'paper' (the published float32 arithmetic: JSMA's raw "
+                             "products, softmax - onehot); an error with --attack cw")
     parser.add_argument("--eps", type=nonnegative_float, default=0.1, help="fgsm/pgd: L-infinity budget (default 0.1)")
     parser.add_argument("--step", type=positive_float, default=None, help="pgd: step size (default eps/4)")
     parser.add_argument("--steps", type=positive_int, default=10, help="pgd: number of steps (default 10)")
@@ -63,6 +72,8 @@ def add_parser(sub):
     parser.add_argument("--binary-steps", type=positive_int, default=5, help="cw: binary-search rounds over c (default 5)")
     parser.add_argument("--cw-steps", type=positive_int, default=100, help="cw: Adam steps per round (default 100)")
     parser.add_argument("--lr", type=positive_float, default=0.05, help="cw: Adam learning rate (default 0.05)")
+    parser.add_argument("--abort-early", action="store_true",
+                        help="cw: end a round once its loss stops falling (Carlini and Wagner's early abort)")
     parser.add_argument("--n", type=positive_int, default=100, help="number of test images (default 100)")
     parser.add_argument("--offset", type=nonnegative_int, default=0, help="index of the first test image (default 0)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which images (default test)")
@@ -143,7 +154,11 @@ def _validate(args):
     target = (args.target or DEFAULT_TARGET[args.attack]).lower()
     _check(not (args.attack == "jsma" and target == "none"),
            "--attack jsma is targeted: use --target next, random, all or a class")
-    return wrt, target
+    _check(args.formulation is None or args.attack in WITH_FORMULATION,
+           f"--formulation applies to --attack {', '.join(WITH_FORMULATION)}; --attack {args.attack} "
+           "has one arithmetic only, leave --formulation out")
+    formulation = args.formulation or "exact"
+    return wrt, target, formulation
 
 
 def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_images=10, title=None):
@@ -186,7 +201,7 @@ def run(args):
     from ..files import atomic_write, write_json
     from ..model import load
 
-    wrt, target_mode = _validate(args)
+    wrt, target_mode, formulation = _validate(args)
     device = resolve_device(args.device)
     model, metadata = load(args.model, device=device)
     T = _resolve_T(args.T, metadata)
@@ -202,19 +217,21 @@ def run(args):
     print(f"model {args.model}" + (f" ({info})" if info else "") + f" on {device}")
     print(f"attack {args.attack} on {len(index)} attempts from {len(x)} {args.split} images, "
           f"differentiating {wrt}" + ("" if wrt == "logits" else f" at T = {T:g}") +
-          ("" if targets is None else f", targets: {target_mode}"))
+          ("" if targets is None else f", targets: {target_mode}") +
+          (f", formulation {formulation}" if args.attack in WITH_FORMULATION else ""))
     common = dict(wrt=wrt, T=T, batch_size=args.batch_size, progress=True)
     if args.attack == "fgsm":
-        x_adv, result = fgsm(model, xa, ya, args.eps, targets=targets, **common)
+        x_adv, result = fgsm(model, xa, ya, args.eps, targets=targets, formulation=formulation, **common)
     elif args.attack == "pgd":
         x_adv, result = pgd(model, xa, ya, args.eps, step=args.step, steps=args.steps, targets=targets,
-                            random_start=args.random_start, seed=args.seed, **common)
+                            random_start=args.random_start, seed=args.seed, formulation=formulation, **common)
     elif args.attack == "jsma":
         x_adv, result = jsma(model, xa, ya, targets, max_distortion=args.max_distortion,
-                             pair_chunk=args.pair_chunk, **common)
+                             pair_chunk=args.pair_chunk, formulation=formulation, **common)
     else:
         x_adv, result = cw_l2(model, xa, ya, targets=targets, kappa=args.kappa, c=args.c,
-                              binary_steps=args.binary_steps, steps=args.cw_steps, lr=args.lr, **common)
+                              binary_steps=args.binary_steps, steps=args.cw_steps, lr=args.lr,
+                              abort_early=args.abort_early, **common)
     s = result.summary()
     print(f"success rate {s['success_rate']:.1%}  ({s['note']})")
     if targets is not None:

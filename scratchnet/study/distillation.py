@@ -112,11 +112,12 @@ def measure_one(model, meta, T, data, settings, att_settings, grad_store, attack
     n_test = len(data.test_y)
     out["test accuracy"] = {"value": 100 * acc, "k": round(acc * n_test), "n": n_test}
     x, y = common.test_subset(data, settings["n"])
-    key = {"experiment": "grad_vs_T", "version": 1, "model": meta["key"], "n": settings["n"]}
+    key = grad_vs_T.result_key(meta, settings["n"])
     grad_rows = grad_store.get_or_compute(key, lambda: grad_vs_T.measure(model, x, y, T, progress))
     eps = att_settings["eps"][0]
+    # the exact arithmetic only: the question here is the recipes, not the float32 rounding
     rows = attack_vs_T.measure_model(attack_store, model, meta, T, data, att_settings, progress,
-                                     attacks=[("jsma", None), ("fgsm", eps)])
+                                     attacks=[("jsma", None), ("fgsm", eps)], formulations=("exact",))
     for r in rows:
         name = f"{r['attack'].upper()} success, {r['source']}"
         out[name] = {"value": 100 * r["success_rate"], "k": r["n_success"], "n": r["n_attempts"]}
