@@ -1,6 +1,6 @@
-"""The command line: ``python -m scratchnet {train, evaluate, attack} ...``.
+"""The command line: ``python -m scratchnet {train, evaluate, attack, diagnose} ...``.
 
-One module per subcommand (``train.py``, ``evaluate.py``, ``attack.py``),
+One module per subcommand (``train.py``, ``evaluate.py``, ``attack.py``, ``diagnose.py``),
 each with ``add_parser(sub)`` and ``run(args)``. This module holds what they
 share: the argument types that validate a value as it is parsed, and the one
 error and exit-code policy of scratchnet's command lines, which the
@@ -143,13 +143,13 @@ def run_script(main):
 # ===== entry point =====
 
 def build_parser():
-    from . import attack, evaluate, train
+    from . import attack, diagnose, evaluate, train
     parser = _Parser(prog="scratchnet",
                      description="scratchnet: a convolutional network written by hand, to show that "
                                  "defensive distillation is gradient masking.",
                      epilog="Run 'scratchnet COMMAND --help' for the options of each command. " + EXIT_POLICY)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,attack}", parser_class=_Parser)
-    for command in (train, evaluate, attack):
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,attack,diagnose}", parser_class=_Parser)
+    for command in (train, evaluate, attack, diagnose):
         command.add_parser(sub)
     return parser
 
