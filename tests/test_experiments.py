@@ -17,7 +17,7 @@ import pytest
 
 from conftest import mnist_dir, needs_mnist
 
-from scratchnet.study import attack_vs_T, grad_vs_T, saturation
+from scratchnet.study import attack_vs_T, grad_vs_T, robustness, saturation
 from scratchnet.study import distillation as distillation_vs_temperature
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -154,9 +154,62 @@ def test_saturation(work):
         assert len(json.load(f)["log10_probs"][0]) == 10
 
 
+def test_robustness_vs_T(work):
+    out = work["root"] / "robustness"
+    args = TINY + ["--n", "30", "--eps", "0.1", "0.3", "--steps", "10", "--pgd-steps", "5", "--queries", "30",
+                   "--samples", "3", "--cache-dir", work["cache"], "--out", str(out)]
+    proc = run("robustness_vs_T.py", args, work["root"])
+    check_ok(proc)
+    for name in ("robustness_vs_T.csv", "robustness_vs_T_indicators.csv", "robustness_vs_T.json",
+                 "robustness_vs_T.png", "robustness_vs_T_indicators.png"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "robustness_vs_T.csv")
+    assert columns == robustness.COLUMNS
+    models = [("standard", 1.0), ("temperature", 30.0), ("distilled", 30.0)]
+    # per model: the clean accuracy, then 2 eps x (6 attacks + the worst case)
+    assert len(rows) == 3 * (1 + 2 * 7)
+
+    def get(recipe, T, eps, attack):
+        return next(r for r in rows if r["recipe"] == recipe and float(r["T"]) == T and float(r["eps"]) == eps
+                    and r["attack"] == attack)
+
+    for recipe, T in models:
+        clean = int(get(recipe, T, 0.0, "clean")["n_robust"])
+        for eps in (0.1, 0.3):
+            worst = get(recipe, T, eps, "worst")
+            each = [int(get(recipe, T, eps, a)["n_robust"]) for a in robustness.ATTACKS]
+            # the worst case per image is at most the best single attack's count, never above the clean count
+            assert int(worst["n_robust"]) <= min(each) and max(each) <= clean
+            assert int(worst["n"]) == 30
+            assert float(worst["lo"]) <= float(worst["robust_accuracy"]) <= float(worst["hi"])
+        # more budget never leaves more images robust to the worst case
+        assert int(get(recipe, T, 0.3, "worst")["n_robust"]) <= int(get(recipe, T, 0.1, "worst")["n_robust"])
+    # on the standard model the transfer attack *is* APGD-CE at T = 1 (the same call on the same images)
+    for eps in (0.1, 0.3):
+        assert get("standard", 1.0, eps, "transfer")["n_robust"] == get("standard", 1.0, eps, "apgd-ce")["n_robust"]
+
+    columns, ind = read_csv(out / "robustness_vs_T_indicators.csv")
+    assert columns == robustness.INDICATOR_COLUMNS
+    assert len(ind) == 3 * 2 * 2 * 6                     # models x eps x (APGD-CE, APGD-DLR) x indicators
+    for r in ind:
+        n_app, n_flag = int(r["n_applicable"]), int(r["n_flagged"])
+        assert 0 <= n_flag <= n_app <= 30
+        assert (r["fired"] == "True") == (n_flag > 0 and n_flag / n_app >= 0.1)
+    assert "indicators of attack failure" in proc.stdout and "worst case per image on the standard model" in proc.stdout
+
+    # a rerun reuses every model and every measurement, the transfer source included
+    before = sorted(os.listdir(out / "parts"))
+    assert sum(name.startswith("source-") for name in before) == 2
+    again = run("robustness_vs_T.py", args, work["root"])
+    check_ok(again)
+    assert sorted(os.listdir(out / "parts")) == before
+    assert read_csv(out / "robustness_vs_T.csv")[1] == rows
+
+
 # ===== command-line errors: one line on stderr, non-zero exit =====
 
-SCRIPTS = ["grad_vs_T.py", "attack_vs_T.py", "distillation_vs_temperature.py", "saturation.py"]
+SCRIPTS = ["grad_vs_T.py", "attack_vs_T.py", "distillation_vs_temperature.py", "saturation.py",
+           "robustness_vs_T.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
