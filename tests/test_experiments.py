@@ -166,8 +166,8 @@ def test_robustness_vs_T(work):
     columns, rows = read_csv(out / "robustness_vs_T.csv")
     assert columns == robustness.COLUMNS
     models = [("standard", 1.0), ("temperature", 30.0), ("distilled", 30.0)]
-    # per model: the clean accuracy, then 2 eps x (6 attacks + the worst case)
-    assert len(rows) == 3 * (1 + 2 * 7)
+    # per model: the clean accuracy, then 2 eps x (7 attacks + the worst case)
+    assert len(robustness.ATTACKS) == 7 and len(rows) == 3 * (1 + 2 * 8)
 
     def get(recipe, T, eps, attack):
         return next(r for r in rows if r["recipe"] == recipe and float(r["T"]) == T and float(r["eps"]) == eps
@@ -187,6 +187,16 @@ def test_robustness_vs_T(work):
     # on the standard model the transfer attack *is* APGD-CE at T = 1 (the same call on the same images)
     for eps in (0.1, 0.3):
         assert get("standard", 1.0, eps, "transfer")["n_robust"] == get("standard", 1.0, eps, "apgd-ce")["n_robust"]
+    # the rescaled cross-entropy takes the temperature diagnose estimates from the logits of these images
+    import glob
+    from scratchnet.cli.diagnose import estimate_temperature, top2_margins
+    from scratchnet.data import load_mnist
+    from scratchnet.model import load
+    test_x = load_mnist(mnist_dir(), download=False, progress=False).test_x[:30]
+    for recipe, T in models:
+        model, _ = load(glob.glob(os.path.join(work["cache"], f"{recipe}-T{T:g}-*.npz"))[0])
+        expected = estimate_temperature(top2_margins(model, test_x))
+        assert float(get(recipe, T, 0.1, "apgd-ce-T")["attack_T"]) == pytest.approx(expected, rel=1e-5)
 
     columns, ind = read_csv(out / "robustness_vs_T_indicators.csv")
     assert columns == robustness.INDICATOR_COLUMNS

@@ -15,11 +15,14 @@ attack     what it is
 fgsm       FGSM on the cross-entropy at T = 1 (as deployed): masked at high T
 pgd        PGD on the cross-entropy at T = 1, random start, step eps / 4
 apgd-ce    APGD (Croce and Hein) on the cross-entropy at T = 1, as AutoAttack runs it
+apgd-ce-T  APGD on the cross-entropy of softmax(z / T_est), T_est estimated from the
+           logits by the rule of ``scratchnet diagnose`` (the training T is not read):
+           Carlini and Wagner's rescaling, for an evaluator who is not told T
 apgd-dlr   APGD on the DLR loss, unchanged by any rescaling of the logits
 square     the Square attack on the logits: random search, no gradient
 transfer   APGD-CE examples made once on the standard (T = 1) model of the same
            seed, sent to this one: its gradient is never used
-worst      the worst case per image over all six: an image counts as robust only
+worst      the worst case per image over all seven: an image counts as robust only
            if every attack failed on it (AutoAttack's robust accuracy)
 =========  ==================================================================
 
@@ -38,6 +41,7 @@ from the APGD records, transfer failure from the transfer attack, and, once
 per model (they do not depend on eps), unavailable gradients, unstable
 predictions (``samples`` noise draws) and the unconstrained attack.
 
+Every stored measurement records its run time (``seconds`` in the CSV).
 Budgets (attack iterations per image; the full run's defaults are chosen to
 finish in a few hours on a 2-core CPU): APGD 50 steps (AutoAttack uses 100),
 PGD 20 steps, Square 500 queries (AutoAttack 5000), 20 noise draws for
@@ -65,12 +69,14 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import numpy as np
 
 from ..attacks import apgd, fgsm, indicators, pgd, square_linf
 from ..attacks.common import prepare
 from ..cli import UsageError
+from ..cli.diagnose import estimate_temperature, top2_margins
 from ..files import atomic_write
 from . import common
 from .distillation import wilson
@@ -84,14 +90,15 @@ FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": 500, "eps": [0
 SECONDS_PER_MODEL = {"quick": 110, "full": 900}
 ATTACK_SEED = 0                      # random starts and Square's search: the same for every model
 
-ATTACKS = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "transfer"]
+ATTACKS = ["fgsm", "pgd", "apgd-ce", "apgd-ce-T", "apgd-dlr", "square", "transfer"]
 LABELS = {"fgsm": "FGSM, CE at T = 1 (deployed)", "pgd": "PGD, CE at T = 1 (deployed)",
-          "apgd-ce": "APGD-CE at T = 1", "apgd-dlr": "APGD-DLR", "square": "Square (logits, no gradient)",
-          "transfer": "transfer from the T = 1 model", "worst": "worst case per image (all six)",
+          "apgd-ce": "APGD-CE at T = 1 (deployed)", "apgd-ce-T": "APGD-CE at T_est (estimated)",
+          "apgd-dlr": "APGD-DLR", "square": "Square (logits, no gradient)",
+          "transfer": "transfer from the T = 1 model", "worst": "worst case per image (all seven)",
           "clean": "clean accuracy"}
 INDICATOR_ATTACKS = {"apgd-ce": "ce", "apgd-dlr": "dlr"}        # the runs the indicators read, and their loss
-COLUMNS = ["recipe", "T", "seed", "eps", "attack", "label", "n", "n_correct", "n_robust", "robust_accuracy",
-           "lo", "hi"]
+COLUMNS = ["recipe", "T", "seed", "eps", "attack", "label", "attack_T", "n", "n_correct", "n_robust",
+           "robust_accuracy", "lo", "hi", "seconds"]
 INDICATOR_COLUMNS = ["recipe", "T", "seed", "eps", "attack", "indicator", "n_flagged", "n_applicable",
                      "fraction", "fired"]
 
@@ -101,7 +108,7 @@ INDICATOR_COLUMNS = ["recipe", "T", "seed", "eps", "attack", "indicator", "n_fla
 def key_for(model_key, what, settings, eps=None, **extra):
     """Everything a stored measurement depends on."""
     budget = {"fgsm": {}, "pgd": {"steps": settings["pgd_steps"]}, "apgd-ce": {"steps": settings["apgd_steps"]},
-              "apgd-dlr": {"steps": settings["apgd_steps"]}, "square": {"queries": settings["queries"]},
+              "apgd-ce-T": {"steps": settings["apgd_steps"]}, "apgd-dlr": {"steps": settings["apgd_steps"]}, "square": {"queries": settings["queries"]},
               "transfer": {"steps": settings["apgd_steps"]}, "clean": {},
               "indicators": {"steps": settings["apgd_steps"], "samples": settings["samples"]}}[what]
     key = {"experiment": "robustness_vs_T", "version": 1, "model": model_key, "what": what, "n": settings["n"],
@@ -116,9 +123,11 @@ def flags(a):
 
 
 def run_attack(model, attack, x, y, eps, settings, progress):
-    """One white-box or black-box attack on one model: per-image robustness, and for APGD the
-    per-image silent-success and incomplete-optimization indicators read on its record."""
+    """One white-box or black-box attack on one model: per-image robustness, its run time, and for
+    APGD at T = 1 the per-image silent-success and incomplete-optimization indicators read on its record."""
     common_args = dict(seed=ATTACK_SEED, progress=progress)
+    start = time.perf_counter()
+    attack_T = 1.0
     if attack == "fgsm":
         _, r = fgsm(model, x, y, eps, wrt="loss", T=1.0, progress=progress)
     elif attack == "pgd":
@@ -127,11 +136,18 @@ def run_attack(model, attack, x, y, eps, settings, progress):
     elif attack in INDICATOR_ATTACKS:
         _, r = apgd(model, x, y, eps, loss=INDICATOR_ATTACKS[attack], T=1.0, steps=settings["apgd_steps"],
                     **common_args)
+    elif attack == "apgd-ce-T":
+        attack_T = estimate_temperature(top2_margins(model, x))          # from the logits, not the file
+        _, r = apgd(model, x, y, eps, loss="ce", T=attack_T, steps=settings["apgd_steps"], **common_args)
     elif attack == "square":
         _, r = square_linf(model, x, y, eps, queries=settings["queries"], output="logits", **common_args)
+        attack_T = None
     else:
         raise ValueError(f"unknown attack {attack!r}")
-    out = {"robust": flags(r.initially_correct & ~r.success), "n_correct": int(r.initially_correct.sum())}
+    if attack == "apgd-dlr":
+        attack_T = None                                                   # DLR has no temperature
+    out = {"robust": flags(r.initially_correct & ~r.success), "n_correct": int(r.initially_correct.sum()),
+           "attack_T": attack_T, "seconds": time.perf_counter() - start}
     if attack in INDICATOR_ATTACKS:
         out["silent_success"] = flags(indicators.silent_success(r.extra["first_success_step"],
                                                                 r.extra["best_loss_point_adversarial"]))
@@ -141,6 +157,7 @@ def run_attack(model, attack, x, y, eps, settings, progress):
 
 def model_indicators(model, x, y, settings, progress):
     """The eps-independent indicators of one model, for the cross-entropy at T = 1 and for DLR."""
+    start = time.perf_counter()
     xd, yd, _ = prepare(model, x, y)
     out = {}
     for attack, loss in INDICATOR_ATTACKS.items():
@@ -151,6 +168,7 @@ def model_indicators(model, x, y, settings, progress):
                                                                    settings["apgd_steps"], progress=progress)
         out[attack] = {"unavailable_gradients": flags(unavailable), "unstable_predictions": flags(unstable),
                        "unconstrained_attack_failure": flags(unconstrained)}
+    out["seconds"] = time.perf_counter() - start
     return out
 
 
@@ -194,8 +212,10 @@ class TransferSource:
 def run_transfer(model, source, y, eps):
     """The source's examples at eps on ``model``: per-image robustness and whether the source was fooled."""
     x_adv, source_fooled = source.get(eps)
+    start = time.perf_counter()
     pred = model.predict(model.xp.asarray(x_adv, dtype=model.dtype))      # NumPy (N,)
-    return {"robust": flags(pred == y), "fooled": flags(pred != y), "source_fooled": flags(source_fooled)}
+    return {"robust": flags(pred == y), "fooled": flags(pred != y), "source_fooled": flags(source_fooled),
+            "attack_T": 1.0, "seconds": time.perf_counter() - start}
 
 
 def measure_model(store, model, meta, source, x, y, settings, progress):
@@ -221,12 +241,14 @@ def measure_model(store, model, meta, source, x, y, settings, progress):
 
 # ===== rows: robust accuracy and the indicator matrix =====
 
-def accuracy_row(recipe, T, seed, eps, attack, robust, correct):
+def accuracy_row(recipe, T, seed, eps, attack, robust, correct, result=None):
     robust = np.asarray(robust, dtype=bool)
     k, n = int(robust.sum()), len(robust)
     lo, hi = wilson(k, n)
-    return {"recipe": recipe, "T": T, "seed": seed, "eps": eps, "attack": attack, "label": LABELS[attack], "n": n,
-            "n_correct": int(np.sum(correct)), "n_robust": k, "robust_accuracy": k / n, "lo": lo, "hi": hi}
+    result = result or {}
+    return {"recipe": recipe, "T": T, "seed": seed, "eps": eps, "attack": attack, "label": LABELS[attack],
+            "attack_T": result.get("attack_T"), "n": n, "n_correct": int(np.sum(correct)), "n_robust": k,
+            "robust_accuracy": k / n, "lo": lo, "hi": hi, "seconds": result.get("seconds")}
 
 
 def accuracy_rows(recipe, T, seed, correct, results, settings):
@@ -235,9 +257,10 @@ def accuracy_rows(recipe, T, seed, correct, results, settings):
     for eps in settings["eps"]:
         worst = correct.copy()
         for attack in ATTACKS:
-            robust = np.asarray(results[(eps, attack)]["robust"], dtype=bool)
+            r = results[(eps, attack)]
+            robust = np.asarray(r["robust"], dtype=bool)
             worst &= robust
-            rows.append(accuracy_row(recipe, T, seed, eps, attack, robust, correct))
+            rows.append(accuracy_row(recipe, T, seed, eps, attack, robust, correct, r))
         rows.append(accuracy_row(recipe, T, seed, eps, "worst", worst, correct))
     return rows
 
@@ -284,6 +307,7 @@ def pooled(rows, recipe, T, eps, attack):
 # ===== figures =====
 
 STYLE = {"fgsm": ("tab:orange", "v-"), "pgd": ("tab:red", "^-"), "apgd-ce": ("tab:purple", "o-"),
+         "apgd-ce-T": ("tab:cyan", "X-"),
          "apgd-dlr": ("tab:blue", "s-"), "square": ("tab:green", "D-"), "transfer": ("tab:brown", "P-")}
 
 
@@ -356,17 +380,18 @@ def plot_indicators(ind_rows, path, settings, eps):
         ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for i in range(len(models)):
             for j in range(len(names)):
-                text = "n/a" if np.isnan(M[i, j]) else f"{100 * M[i, j]:.0f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                text = "n/a" if np.isnan(M[i, j]) else f"{100 * M[i, j]:.0f}" + (" *" if fired[i, j] else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8.5,
                         color="white" if M[i, j] > 0.6 else "black", fontweight="bold" if fired[i, j] else None)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([k.replace("_", "\n") for k in names], fontsize=8)
         ax.set_yticks(range(len(models)))
         ax.set_yticklabels([f"{r}, T = {T:g}" for r, T in models], fontsize=8.5)
         ax.set_title(f"{'APGD-CE at T = 1' if attack == 'apgd-ce' else 'APGD-DLR'}", fontsize=10)
-    fig.suptitle(f"Indicators of attack failure at L-inf eps = {eps:g}: % of the images each applies to that it "
-                 f"flags (bold: fires, >= {100 * indicators.MIN_FRACTION:.0f} %; grey n/a: no image it applies "
-                 f"to)", fontsize=10)
+    n = settings["n"] * len(settings["seeds"])
+    fig.suptitle(f"Indicators of attack failure at L-inf eps = {eps:g}, {n} test images: % of the images each "
+                 f"applies to that it flags\n(* fires: at least {100 * indicators.MIN_FRACTION:.0f} %; grey n/a: "
+                 f"no image it applies to; APGD {settings['apgd_steps']} steps)", fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
     plt.close(fig)
@@ -379,7 +404,11 @@ def pct(p):
 
 
 def verdict(rows, settings):
-    """What the worst case does with T, decided from the intervals, and how far the masked attacks climb."""
+    """What the worst case does with T, and how far the masked attacks climb.
+
+    A difference from the standard model counts as resolved when the two 95 % Wilson intervals are
+    disjoint: conservative (the images are the same for every model, and a paired test would resolve
+    smaller differences), so "not resolved" is not "equal"."""
     lines = []
     Ts = [T for T in settings["T"] if T != 1.0]
     if not Ts:
@@ -394,17 +423,17 @@ def verdict(rows, settings):
                 p = pooled(rows, recipe, T, eps, "worst")
                 diff = 100 * (p[0] - base[0])
                 apart = p[1] > base[2] or p[2] < base[1]
-                parts.append(f"T = {T:g}: {pct(p)} ({diff:+.1f} points{', resolved' if apart else ''})")
+                parts.append(f"T = {T:g}: {pct(p)} ({diff:+.1f} points{', intervals disjoint' if apart else ''})")
                 if apart:
                     resolved.append((T, diff))
             lines.append(f"  {recipe}: " + "; ".join(parts))
             if resolved:
                 more = [f"T = {T:g} ({d:+.1f})" for T, d in resolved]
-                lines.append(f"  -> {recipe}: the worst case differs from the standard model's beyond the 95 % "
-                             f"intervals at " + ", ".join(more) + " points")
+                lines.append(f"  -> {recipe}: the worst case differs from the standard model's, 95 % intervals "
+                             f"disjoint, at " + ", ".join(more) + " points")
             else:
-                lines.append(f"  -> {recipe}: the worst case stays within the standard model's 95 % interval "
-                             f"at every T: no robustness from the temperature resolved at eps {eps:g}")
+                lines.append(f"  -> {recipe}: the worst case's 95 % interval overlaps the standard model's at every "
+                             f"T: no difference resolved at eps {eps:g}")
             masked = [pooled(rows, recipe, T, eps, a) for T in (1.0, Tmax) for a in ("fgsm", "apgd-ce")]
             lines.append(f"     masked attacks, T = 1 -> {Tmax:g}: FGSM {100 * masked[0][0]:.1f} -> "
                          f"{100 * masked[2][0]:.1f} %, APGD-CE at T = 1 {100 * masked[1][0]:.1f} -> "
