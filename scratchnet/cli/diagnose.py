@@ -245,7 +245,7 @@ def run(args):
     recorded = (f"; the file records training T = {metadata['T']:g}, not used"
                 if isinstance(metadata.get("T"), (int, float)) else "")
     print(f"model {args.model} on {device}: {n} {args.split} images from {args.offset}, "
-          f"L-infinity eps {args.eps:g}")
+          f"L-infinity eps {args.eps:g}" + (f"; transfer source {args.source}" if args.source else ""))
     print(f"estimated temperature T_est = {T_est:.3g} (median top-two logit margin {np.median(margins):.3g}, "
           f"divided by {REFERENCE_MARGIN:g}, floored at 1{recorded})", flush=True)
 
@@ -277,8 +277,8 @@ def run(args):
     add("square", f"Square on the logits (no gradient), {args.queries} queries", "Square\n(logits)", r)
     if source is not None:
         ok = correct & np.asarray(per["transfer_success"], dtype=bool)
-        runs.append({"name": "transfer", "label": f"transfer from {os.path.basename(args.source)} "
-                                                  f"(APGD-CE at T = 1 there)", "role": "mitigation",
+        runs.append({"name": "transfer", "label": "transfer from the --source model (APGD-CE at T = 1 there)",
+                     "role": "mitigation",
                      "short": "transfer",
                      "robust": correct & ~ok, "summary": report.runs["transfer"]})
 

@@ -45,8 +45,8 @@ Every stored measurement records its run time (``seconds`` in the CSV).
 Budgets (attack iterations per image; the full run's defaults are chosen to
 finish in a few hours on a 2-core CPU): APGD 50 steps (AutoAttack uses 100),
 PGD 20 steps, Square 500 queries (AutoAttack 5000), 20 noise draws for
-unstable predictions. ``--quick``: 100 images, APGD 20 steps, PGD 10, Square
-100 queries, 10 draws.
+unstable predictions. ``--quick``: 100 images, APGD 15 steps, PGD 10, Square
+60 queries, 10 draws.
 
 What the worst case does with T is the finding, read from the data with its
 intervals: the masked attacks' curves climb with T; whether the worst case
@@ -83,7 +83,7 @@ from .distillation import wilson
 
 # The models are grad_vs_T's and attack_vs_T's (same T, training images and epochs): one model cache.
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 100, "eps": [0.1, 0.2, 0.3],
-         "apgd_steps": 20, "pgd_steps": 10, "queries": 100, "samples": 10}
+         "apgd_steps": 15, "pgd_steps": 10, "queries": 60, "samples": 10}
 FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": 500, "eps": [0.1, 0.2, 0.3],
         "apgd_steps": 50, "pgd_steps": 20, "queries": 500, "samples": 20}
 # Training one model plus this study's attacks on it, measured on the shared 2-core machine.
@@ -447,9 +447,9 @@ def add_options(parser):
     parser.add_argument("--eps", type=float, nargs="+", help="L-infinity budgets, pixels in [0, 1] "
                                                              "(default 0.1 0.2 0.3)")
     parser.add_argument("--steps", type=int, help="APGD iterations, also the transfer source's and the "
-                                                  "unconstrained check's (default 50; quick 20)")
+                                                  "unconstrained check's (default 50; quick 15)")
     parser.add_argument("--pgd-steps", type=int, help="PGD iterations (default 20; quick 10)")
-    parser.add_argument("--queries", type=int, help="Square queries per image (default 500; quick 100)")
+    parser.add_argument("--queries", type=int, help="Square queries per image (default 500; quick 60)")
     parser.add_argument("--samples", type=int, help="noise draws per image for the unstable-predictions "
                                                     "indicator (default 20; quick 10)")
     parser.add_argument("--indicator-eps", type=float,
