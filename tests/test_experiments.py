@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import mnist_dir, needs_mnist
@@ -265,3 +266,14 @@ def test_wilson_interval_edges():
     assert hi == 1.0 and 0.98 < lo < 1
     lo, hi = distillation_vs_temperature.wilson(4, 270)
     assert lo < 4 / 270 < hi
+
+
+def test_mcnemar_on_paired_flags():
+    """The paired test of robustness_vs_T's verdict: exact binomial on the discordant images."""
+    a = np.array([True] * 12 + [False] * 3 + [True] * 5)
+    b = np.array([False] * 12 + [False] * 3 + [True] * 5)
+    assert robustness.mcnemar(a, b) == (12, 0, pytest.approx(2 * 0.5 ** 12))
+    assert robustness.mcnemar(b, a) == (0, 12, pytest.approx(2 * 0.5 ** 12))
+    assert robustness.mcnemar(a, a) == (0, 0, 1.0)                  # no discordant image: nothing to test
+    b2, c2, p = robustness.mcnemar([True, True, False, False], [False, True, True, False])
+    assert (b2, c2) == (1, 1) and p == pytest.approx(1.0)

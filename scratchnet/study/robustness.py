@@ -51,7 +51,8 @@ unstable predictions. ``--quick``: 100 images, APGD 15 steps, PGD 10, Square
 What the worst case does with T is the finding, read from the data with its
 intervals: the masked attacks' curves climb with T; whether the worst case
 stays flat, or the temperature buys some real robustness at small eps, the
-verdict printed at the end says, from the intervals.
+verdict printed at the end says, from the intervals and from an exact
+McNemar test on the same images (``verdict``).
 
 Usage::
 
@@ -87,7 +88,7 @@ QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 100, "eps": [0
 FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": 500, "eps": [0.1, 0.2, 0.3],
         "apgd_steps": 50, "pgd_steps": 20, "queries": 500, "samples": 20}
 # Training one model plus this study's attacks on it, measured on the shared 2-core machine.
-SECONDS_PER_MODEL = {"quick": 110, "full": 900}
+SECONDS_PER_MODEL = {"quick": 75, "full": 900}
 ATTACK_SEED = 0                      # random starts and Square's search: the same for every model
 
 ATTACKS = ["fgsm", "pgd", "apgd-ce", "apgd-ce-T", "apgd-dlr", "square", "transfer"]
@@ -252,8 +253,14 @@ def accuracy_row(recipe, T, seed, eps, attack, robust, correct, result=None):
 
 
 def accuracy_rows(recipe, T, seed, correct, results, settings):
-    """Per eps: every attack, then the worst case per image; and the clean accuracy (eps 0)."""
+    """Per eps: every attack, then the worst case per image; and the clean accuracy (eps 0).
+
+    Returns
+    -------
+    rows : list of dicts (``COLUMNS``); worst : {eps: (n,) bool}, the per-image worst case
+    """
     rows = [accuracy_row(recipe, T, seed, 0.0, "clean", correct, correct)]
+    worst_by_eps = {}
     for eps in settings["eps"]:
         worst = correct.copy()
         for attack in ATTACKS:
@@ -262,7 +269,8 @@ def accuracy_rows(recipe, T, seed, correct, results, settings):
             worst &= robust
             rows.append(accuracy_row(recipe, T, seed, eps, attack, robust, correct, r))
         rows.append(accuracy_row(recipe, T, seed, eps, "worst", worst, correct))
-    return rows
+        worst_by_eps[eps] = worst
+    return rows, worst_by_eps
 
 
 def indicator_rows(recipe, T, seed, correct, per_model, results, settings):
@@ -403,12 +411,35 @@ def pct(p):
     return f"{100 * p[0]:.1f} % [{100 * p[1]:.1f}, {100 * p[2]:.1f}]"
 
 
-def verdict(rows, settings):
+def mcnemar(robust_a, robust_b):
+    """Exact two-sided McNemar test of two models' per-image flags on the *same* images.
+
+    Returns (b, c, p): b images robust under a only, c under b only, and the
+    binomial p-value of b against b + c fair coin flips (1 when b + c = 0).
+    """
+    from scipy.stats import binomtest
+    a, b_ = np.asarray(robust_a, dtype=bool), np.asarray(robust_b, dtype=bool)
+    b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
+    return b, c, (1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue))
+
+
+def paired(worst, recipe, T, eps, seeds):
+    """McNemar of a model's worst case against its seed's standard model, discordant pairs pooled over seeds."""
+    b = c = 0
+    for seed in seeds:
+        bi, ci, _ = mcnemar(worst[(recipe, T, seed)][eps], worst[("standard", 1.0, seed)][eps])
+        b, c = b + bi, c + ci
+    return b, c, (1.0 if b + c == 0 else mcnemar([True] * b + [False] * c, [False] * b + [True] * c)[2])
+
+
+def verdict(rows, settings, worst):
     """What the worst case does with T, and how far the masked attacks climb.
 
-    A difference from the standard model counts as resolved when the two 95 % Wilson intervals are
-    disjoint: conservative (the images are the same for every model, and a paired test would resolve
-    smaller differences), so "not resolved" is not "equal"."""
+    Each model's worst case is compared with the standard model's on the same images: the 95 %
+    Wilson intervals are printed, and the difference is called resolved when the exact McNemar test
+    on the per-image flags (``worst``: {(recipe, T, seed): {eps: (n,) bool}}) gives p < 0.05. The
+    paired test uses what the intervals ignore, that the images are the same, so it resolves smaller
+    differences; "not resolved" is still not "equal"."""
     lines = []
     Ts = [T for T in settings["T"] if T != 1.0]
     if not Ts:
@@ -422,18 +453,19 @@ def verdict(rows, settings):
             for T in Ts:
                 p = pooled(rows, recipe, T, eps, "worst")
                 diff = 100 * (p[0] - base[0])
-                apart = p[1] > base[2] or p[2] < base[1]
-                parts.append(f"T = {T:g}: {pct(p)} ({diff:+.1f} points{', intervals disjoint' if apart else ''})")
-                if apart:
+                b, c, pval = paired(worst, recipe, T, eps, settings["seeds"])
+                parts.append(f"T = {T:g}: {pct(p)} ({diff:+.1f} points; robust only here {b}, only on the "
+                             f"standard model {c}, McNemar p = {pval:.2g})")
+                if pval < 0.05:
                     resolved.append((T, diff))
             lines.append(f"  {recipe}: " + "; ".join(parts))
             if resolved:
-                more = [f"T = {T:g} ({d:+.1f})" for T, d in resolved]
-                lines.append(f"  -> {recipe}: the worst case differs from the standard model's, 95 % intervals "
-                             f"disjoint, at " + ", ".join(more) + " points")
+                more = [f"T = {T:g} ({d:+.1f} points)" for T, d in resolved]
+                lines.append(f"  -> {recipe}: the worst case differs from the standard model's (paired test, "
+                             f"p < 0.05) at " + ", ".join(more))
             else:
-                lines.append(f"  -> {recipe}: the worst case's 95 % interval overlaps the standard model's at every "
-                             f"T: no difference resolved at eps {eps:g}")
+                lines.append(f"  -> {recipe}: no difference from the standard model's worst case resolved at "
+                             f"eps {eps:g} (paired test, p >= 0.05 at every T)")
             masked = [pooled(rows, recipe, T, eps, a) for T in (1.0, Tmax) for a in ("fgsm", "apgd-ce")]
             lines.append(f"     masked attacks, T = 1 -> {Tmax:g}: FGSM {100 * masked[0][0]:.1f} -> "
                          f"{100 * masked[2][0]:.1f} %, APGD-CE at T = 1 {100 * masked[1][0]:.1f} -> "
@@ -529,14 +561,15 @@ def main():
     x, y = common.test_subset(data, settings["n"])
     y = y.astype(np.int64)
     store = common.ResultStore(out)
-    rows, ind_rows, sources = [], [], {}
+    rows, ind_rows, sources, worst = [], [], {}, {}
     for recipe, T, seed in common.grid(settings):
         model, meta = common.model_for(recipe, T, seed, settings, args, data)
         if recipe == "standard":               # the grid puts each seed's standard model first
             sources[seed] = TransferSource(out, model, meta, x, y, settings, progress)
         print(f"{recipe} T = {T:g} seed {seed}", flush=True)
         correct, per_model, results = measure_model(store, model, meta, sources[seed], x, y, settings, progress)
-        rows += accuracy_rows(recipe, T, seed, correct, results, settings)
+        new, worst[(recipe, T, seed)] = accuracy_rows(recipe, T, seed, correct, results, settings)
+        rows += new
         ind_rows += indicator_rows(recipe, T, seed, correct, per_model, results, settings)
 
     common.write_csv(os.path.join(out, "robustness_vs_T.csv"), rows, COLUMNS)
@@ -549,7 +582,7 @@ def main():
 
     print_tables(rows, ind_rows, settings)
     print()
-    for line in verdict(rows, settings):
+    for line in verdict(rows, settings, worst):
         print(line)
     print(f"\nwrote {out}/robustness_vs_T.csv, robustness_vs_T_indicators.csv, robustness_vs_T.json, "
           f"robustness_vs_T.png, robustness_vs_T_indicators.png")
