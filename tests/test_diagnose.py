@@ -93,6 +93,24 @@ def test_no_masking_on_the_T1_net(saved, capsys, tmp_path, eps):
     assert "verdict: no gradient masking detected" in out
 
 
+@needs_mnist
+def test_a_cheap_attack_that_is_not_masked_finds_no_masking_on_the_T100_net(saved, capsys, tmp_path):
+    """--loss dlr: the indicators read APGD-DLR, which the T-fold logits do not stop. The same hot
+    network is then not flagged: the rule judges the evaluation, not the training temperature."""
+    out_json = tmp_path / "d.json"
+    status, out, err = run(capsys, saved["hot"], *FAST, "--loss", "dlr", "--data-dir", mnist_dir(),
+                           "--json", out_json)
+    assert status == 0, err
+    rec = json.loads(out_json.read_text())
+    assert rec["gradient_masking"] is False, rec["gradient_masking_reasons"]
+    attacks = {a["name"]: a for a in rec["attacks"]}
+    assert attacks["cheap"]["robust_accuracy"] <= 0.15                   # measured 0 %
+    assert "the cheap attack itself" in attacks["apgd-dlr"]["label"]     # not run twice
+    assert rec["per_image"]["robust_apgd-dlr"] == rec["per_image"]["robust_cheap"]
+    assert rec["indicators"]["summary"]["unavailable_gradients"]["n_flagged"] == 0
+    assert "cheap: APGD-DLR, 10 steps" in out
+
+
 # ===== the pieces =====
 
 def test_estimated_temperature_follows_the_logit_scale():

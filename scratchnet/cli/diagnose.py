@@ -255,7 +255,8 @@ def run(args):
                                  source=source, samples=args.samples, **common)
     per = report.per_image
     correct = np.asarray(per["initially_correct"], dtype=bool)
-    runs = [{"name": "cheap", "label": f"cheap: {cheap_name} (as deployed), {args.steps} steps", "role": "cheap",
+    deployed = " (as deployed)" if args.loss == "ce" else ""
+    runs = [{"name": "cheap", "label": f"cheap: {cheap_name}{deployed}, {args.steps} steps", "role": "cheap",
              "short": "cheap:\n" + cheap_name.replace(" at", "\nat"),
              "robust": correct & ~np.asarray(per["attack_success"], dtype=bool), "summary": report.attack}]
 
