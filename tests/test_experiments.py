@@ -14,12 +14,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import mnist_dir, needs_mnist
 
 from scratchnet.stats import ratio_interval, wilson
-from scratchnet.study import attack_vs_T, grad_vs_T, saturation
+from scratchnet.study import attack_vs_T, grad_vs_T, robustness, saturation
 from scratchnet.study import distillation as distillation_vs_temperature
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,9 +188,72 @@ def test_saturation(work):
         assert len(json.load(f)["log10_probs"][0]) == 10
 
 
+def test_robustness_vs_T(work):
+    out = work["root"] / "robustness"
+    args = TINY + ["--n", "30", "--eps", "0.1", "0.3", "--steps", "10", "--pgd-steps", "5", "--queries", "30",
+                   "--samples", "3", "--cache-dir", work["cache"], "--out", str(out)]
+    proc = run("robustness_vs_T.py", args, work["root"])
+    check_ok(proc)
+    for name in ("robustness_vs_T.csv", "robustness_vs_T_indicators.csv", "robustness_vs_T.json",
+                 "robustness_vs_T.png", "robustness_vs_T_indicators.png"):
+        assert (out / name).stat().st_size > 0
+    columns, rows = read_csv(out / "robustness_vs_T.csv")
+    assert columns == robustness.COLUMNS
+    models = [("standard", 1.0), ("temperature", 30.0), ("distilled", 30.0)]
+    # per model: the clean accuracy, then 2 eps x (7 attacks + the worst case)
+    assert len(robustness.ATTACKS) == 7 and len(rows) == 3 * (1 + 2 * 8)
+
+    def get(recipe, T, eps, attack):
+        return next(r for r in rows if r["recipe"] == recipe and float(r["T"]) == T and float(r["eps"]) == eps
+                    and r["attack"] == attack)
+
+    for recipe, T in models:
+        clean = int(get(recipe, T, 0.0, "clean")["n_robust"])
+        for eps in (0.1, 0.3):
+            worst = get(recipe, T, eps, "worst")
+            each = [int(get(recipe, T, eps, a)["n_robust"]) for a in robustness.ATTACKS]
+            # the worst case per image is at most the best single attack's count, never above the clean count
+            assert int(worst["n_robust"]) <= min(each) and max(each) <= clean
+            assert int(worst["n"]) == 30
+            assert float(worst["lo"]) <= float(worst["robust_accuracy"]) <= float(worst["hi"])
+        # more budget never leaves more images robust to the worst case
+        assert int(get(recipe, T, 0.3, "worst")["n_robust"]) <= int(get(recipe, T, 0.1, "worst")["n_robust"])
+    # on the standard model the transfer attack *is* APGD-CE at T = 1 (the same call on the same images)
+    for eps in (0.1, 0.3):
+        assert get("standard", 1.0, eps, "transfer")["n_robust"] == get("standard", 1.0, eps, "apgd-ce")["n_robust"]
+    # the rescaled cross-entropy takes the temperature diagnose estimates from the logits of these images
+    import glob
+    from scratchnet.attacks.diagnostics import estimate_temperature, top2_margins
+    from scratchnet.data import load_mnist
+    from scratchnet.model import load
+    test_x = load_mnist(mnist_dir(), download=False, progress=False).test_x[:30]
+    for recipe, T in models:
+        model, _ = load(glob.glob(os.path.join(work["cache"], f"{recipe}-T{T:g}-*.npz"))[0])
+        expected = estimate_temperature(top2_margins(model, test_x))
+        assert float(get(recipe, T, 0.1, "apgd-ce-T")["attack_T"]) == pytest.approx(expected, rel=1e-5)
+
+    columns, ind = read_csv(out / "robustness_vs_T_indicators.csv")
+    assert columns == robustness.INDICATOR_COLUMNS
+    assert len(ind) == 3 * 2 * 2 * 6                     # models x eps x (APGD-CE, APGD-DLR) x indicators
+    for r in ind:
+        n_app, n_flag = int(r["n_applicable"]), int(r["n_flagged"])
+        assert 0 <= n_flag <= n_app <= 30
+        assert (r["fired"] == "True") == (n_flag > 0 and n_flag / n_app >= 0.1)
+    assert "indicators of attack failure" in proc.stdout and "worst case per image on the standard model" in proc.stdout
+
+    # a rerun reuses every model and every measurement, the transfer source included
+    before = sorted(os.listdir(out / "parts"))
+    assert sum(name.startswith("source-") for name in before) == 2
+    again = run("robustness_vs_T.py", args, work["root"])
+    check_ok(again)
+    assert sorted(os.listdir(out / "parts")) == before
+    assert read_csv(out / "robustness_vs_T.csv")[1] == rows
+
+
 # ===== command-line errors: one line on stderr, non-zero exit =====
 
-SCRIPTS = ["grad_vs_T.py", "attack_vs_T.py", "distillation_vs_temperature.py", "saturation.py"]
+SCRIPTS = ["grad_vs_T.py", "attack_vs_T.py", "distillation_vs_temperature.py", "saturation.py",
+           "robustness_vs_T.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -271,3 +335,14 @@ def test_an_interrupted_study_resumes_with_nothing_finished_recomputed(tmp_path,
     assert cli.run_guarded(grad_vs_T.main, "error: ") == 0
     assert trained == [] and measured == [1.0]
     assert read_csv(tmp_path / "out" / "grad_vs_T.csv")[1] == rows
+
+
+def test_mcnemar_on_paired_flags():
+    """The paired test of robustness_vs_T's verdict: exact binomial on the discordant images."""
+    a = np.array([True] * 12 + [False] * 3 + [True] * 5)
+    b = np.array([False] * 12 + [False] * 3 + [True] * 5)
+    assert robustness.mcnemar(a, b) == (12, 0, pytest.approx(2 * 0.5 ** 12))
+    assert robustness.mcnemar(b, a) == (0, 12, pytest.approx(2 * 0.5 ** 12))
+    assert robustness.mcnemar(a, a) == (0, 0, 1.0)                  # no discordant image: nothing to test
+    b2, c2, p = robustness.mcnemar([True, True, False, False], [False, True, True, False])
+    assert (b2, c2) == (1, 1) and p == pytest.approx(1.0)

@@ -308,3 +308,46 @@ def report_lines(diag):
                          f"log10 median {s['log10_median']:.3g}, geometric mean {s['log10_geometric_mean']:.3g}, "
                          f"plain mean {s['log10_mean_PITFALL']:.3g} (pitfall: dominated by the largest)")
     return lines
+
+
+# ===== how much hotter than a standard network? =====
+
+REFERENCE_MARGIN = 10.0     # the median top-two logit margin after rescaling by 1 / T_est
+
+
+def top2_margins(model, x, batch_size=1000):
+    """(N,) float64: the gap between the largest and second-largest logit of each image (T = 1)."""
+    out = [to_numpy(logit_margins(model.logits(model.xp.asarray(x[i:i + batch_size], dtype=model.dtype))))
+           .astype(np.float64) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def estimate_temperature(margins, reference=REFERENCE_MARGIN):
+    """T_est = max(1, median(margins) / reference): the rescaling that brings the median margin to ``reference``.
+
+    A network trained at T and deployed at T = 1 has logits about T times
+    larger than a standard one, and its top-two logit margin grows with them.
+    T_est is chosen so that the *median* margin over the images, divided by
+    T_est, equals ``REFERENCE_MARGIN`` = 10: a softmax with margin 10 gives the
+    top class 1 - 4.5e-5, unsaturated in float32, so the cross-entropy
+    gradient is non-zero at the median image, and images with up to about 9
+    times the median margin stay above float32's smallest normal number
+    (exp(-87)). Never below 1: a network whose median margin is already under
+    10 is not rescaled. It is an estimate, not the training T (a standard
+    network has a median margin of roughly 10 to 15, a T-trained one roughly
+    T times that); any value within a factor of a few serves an attack that
+    follows only the sign of the gradient, as APGD and PGD do.
+
+    Parameters
+    ----------
+    margins : (N,) top-two logit margins at T = 1 (``top2_margins``)
+
+    Returns
+    -------
+    float >= 1. An estimate of how much hotter than a standard network the
+    logits are, not the training temperature itself.
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    if margins.size == 0 or not np.all(np.isfinite(margins)):
+        raise ValueError("cannot estimate a temperature: no images, or logits that are not finite")
+    return max(1.0, float(np.median(margins)) / reference)

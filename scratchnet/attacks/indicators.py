@@ -254,7 +254,8 @@ class IndicatorReport:
     per_image : dict of (N,) NumPy arrays: ``initially_correct``, ``attack_success``
         (goal reached), one boolean per indicator (``transfer_failure`` only with a
         source), and the measurements ``grad_linf``, ``unstable_metric``,
-        ``incomplete_metric``, ``unconstrained_success``, ``source_success``
+        ``incomplete_metric``, ``unconstrained_success``, ``source_success`` and
+        ``transfer_success`` (the transferred example fooled the target)
     summary : {indicator: {"fired", "n_flagged", "n_applicable", "fraction",
         "applies_to", "mitigation"}} (``{"measured": False}`` for transfer
         failure without a source)
@@ -353,6 +354,7 @@ def evaluate(model, x, labels, eps, loss="ce", T=1.0, norm="linf", steps=100, ta
                          steps=steps, targets=targets, seed=seed, batch_size=batch_size, progress=progress)
         src_ok = np.asarray(tr.extra["source_success"], dtype=bool)
         per["source_success"] = src_ok
+        per["transfer_success"] = tr.achieved            # the transfer attack's own result on the target
         per["transfer_failure"] = transfer_failure(src_ok, tr.achieved)
         applicable["transfer_failure"] = tr.initially_correct & src_ok
         runs["transfer"] = tr.summary()

@@ -1,7 +1,7 @@
-"""The command line: ``python -m scratchnet {train, evaluate, attack, models} ...``.
+"""The command line: ``python -m scratchnet {train, evaluate, attack, diagnose, models} ...``.
 
 One module per subcommand (``train.py``, ``evaluate.py``, ``attack.py``,
-``models.py``), each with ``add_parser(sub)`` and ``run(args)``, listed once
+``diagnose.py``, ``models.py``), each with ``add_parser(sub)`` and ``run(args)``, listed once
 in ``build_parser``. This module holds what they share: the argument types that
 validate a value as it is parsed (the training settings' types call the
 library's own checks, ``training.check_*`` and ``functional.check_T``, so a
@@ -208,8 +208,8 @@ def run_script(main):
 def build_parser():
     from .. import __version__
     from ..recipes import TRAINING_VERSION
-    from . import attack, evaluate, models, train
-    commands = (train, evaluate, attack, models)          # one module per subcommand
+    from . import attack, diagnose, evaluate, models, train
+    commands = (train, evaluate, attack, diagnose, models)          # one module per subcommand
     parser = Parser(prog="scratchnet",
                     description="scratchnet: a convolutional network written by hand, to show that "
                                 "defensive distillation is gradient masking.",

@@ -1,6 +1,6 @@
 """What the studies share: options, the model grid, result files.
 
-Each study (``grad_vs_T``, ``attack_vs_T``, ``distillation``, ``saturation``)
+Each study (``grad_vs_T``, ``attack_vs_T``, ``distillation``, ``saturation``, ``robustness``)
 is a module of this package with a ``main()``; the scripts a user runs,
 ``experiments/NAME.py``, only call it through ``scratchnet.cli.run_script``.
 
