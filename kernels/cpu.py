@@ -528,7 +528,7 @@ def winograd_conv2d_forward(x, W, b, pad):
 
 
 @njit(parallel=True, cache=True)
-def _winograd_backward(dy, x, UT, pad, param_grads, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dU_chunk,
+def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dU_chunk,
                        dU_parts, db_parts):
     N, C = x.shape[0], x.shape[1]
     F = dy.shape[1]
@@ -549,12 +549,13 @@ def _winograd_backward(dy, x, UT, pad, param_grads, BT, B, A, dx, P, Q, Mbar, dV
             _tile_rows(dys, 0, P[blk])
             _mix_rows(A, P[blk].reshape(4, F * TE), F * TE, Q[blk])
             _mix_columns(A, Q[blk], F * TE, Mbar[blk])
-            # dx: dV = U^T Mbar, then B dV B^T back onto the pixels (every step above, transposed)
-            for ab in range(16):
-                np.dot(UT[ab], Mbar[blk, ab, :F * TE].reshape(F, TE), dV[blk, ab, 1:1 + C * TE].reshape(C, TE))
-            _unmix_columns(BT, dV[blk], C * TE, dS[blk])
-            _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
-            _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
+            if need_dx:                      # dV = U^T Mbar, then B dV B^T back onto the pixels of dx
+                for ab in range(16):         # (every step above, transposed)
+                    np.dot(UT[ab], Mbar[blk, ab, :F * TE].reshape(F, TE),
+                           dV[blk, ab, 1:1 + C * TE].reshape(C, TE))
+                _unmix_columns(BT, dV[blk], C * TE, dS[blk])
+                _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
+                _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
             if param_grads:                  # dU[ab] += Mbar[ab] V[ab]^T, with V = B^T d B of x
                 _winograd_input(_next_chunk(x, n, nb, R[blk]), pad, BT, R[blk], S[blk], V[blk])
                 for ab in range(16):
@@ -566,7 +567,7 @@ def _winograd_backward(dy, x, UT, pad, param_grads, BT, B, A, dx, P, Q, Mbar, dV
                         db_parts[blk, f] += dys[m, f].sum()
 
 
-def winograd_conv2d_backward(dy, x, W, pad, param_grads=True):
+def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
     """Gradients of ``winograd_conv2d_forward``; see ``kernels.reference.winograd_conv3x3_backward``.
 
     dx and dW both start from Mbar = A dY A^T, computed once per chunk. dW and
@@ -581,14 +582,14 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True):
     TE = nb * TH * (TW + 1)
     UT = reference.winograd_filters(W.astype(dtype, copy=False)).reshape(16, F, C).transpose(0, 2, 1)
     B = numba.get_num_threads()
-    dx = np.empty((N, C, H, Wd), dtype=dtype)
+    dx = np.empty((N, C, H, Wd) if need_dx else (0, C, H, Wd), dtype=dtype)   # no dx: an empty stand-in
     dU_parts = np.empty((B, 16, F, C), dtype=dtype)
     db_parts = np.empty((B, F), dtype=dtype)
     x_bufs = 1 if param_grads else 0         # no buffers for V when only dx is wanted
     with _one_blas_thread():
         _winograd_backward(
             np.ascontiguousarray(dy, dtype), np.ascontiguousarray(x, dtype), np.ascontiguousarray(UT), pad,
-            param_grads, _BT.astype(dtype), np.ascontiguousarray(_BT.T, dtype), _A.astype(dtype), dx,
+            param_grads, need_dx, _BT.astype(dtype), np.ascontiguousarray(_BT.T, dtype), _A.astype(dtype), dx,
             np.empty((B, 2, 2, F, nb, TH, TW + 1), dtype=dtype),         # P: rows of dy's 2x2 tiles
             np.empty((B, 8, _row_length(F * TE)), dtype=dtype),          # Q = A dY
             np.empty((B, 16, _row_length(F * TE)), dtype=dtype),         # Mbar = A dY A^T
@@ -599,6 +600,7 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True):
             np.empty((B, 8, _row_length(C * TE) * x_bufs), dtype=dtype),   # S = B^T d
             np.empty((B, 16, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
             np.empty((B, F, C), dtype=dtype), dU_parts, db_parts)         # one chunk's Mbar V^T, and the sums
+    dx = dx if need_dx else None
     if not param_grads:
         return dx, None, None
     dW = reference.winograd_filters_adjoint(dU_parts.sum(axis=0).reshape(4, 4, F, C), dtype)
@@ -698,7 +700,7 @@ def conv2d_forward(x, W, b, stride, pad):
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dWT_parts, dWT_image, db_parts,
+def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, need_dx, dx, dWT_parts, dWT_image, db_parts,
                      cols, dcols):
     N, F = dy.shape[0], dy.shape[1]
     WmT = Wm.T                               # (C*KH*KW, F), a view
@@ -707,8 +709,9 @@ def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dWT_parts,
     for n in prange(N):                      # this thread alone writes dx[n] and its own dWT_parts[t]
         t = numba.get_thread_id()
         dyn = dy[n].reshape(F, -1)           # (F, OH*OW)
-        np.dot(WmT, dyn, dcols[t])           # dcols_n = W^T dy_n
-        _fold(dcols[t], KH, KW, stride, pad, dx[n])
+        if need_dx:
+            np.dot(WmT, dyn, dcols[t])       # dcols_n = W^T dy_n
+            _fold(dcols[t], KH, KW, stride, pad, dx[n])
         if param_grads:
             _unfold(x[n], KH, KW, stride, pad, cols[t])
             # dW^T += cols_n dy_n^T: the same product as dW += dy_n cols_n^T, but in the
@@ -719,18 +722,18 @@ def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, dx, dWT_parts,
                 db_parts[t, f] += dyn[f].sum()
 
 
-def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
+def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True):
     """Fast convolution gradients, one image per thread; see ``kernels.reference.conv2d_backward``.
 
     Winograd where ``conv2d_forward`` uses it, im2col otherwise.
     """
     if _winograd_applies(W, stride, pad):
-        return winograd_conv2d_backward(dy, x, W, pad, param_grads)
+        return winograd_conv2d_backward(dy, x, W, pad, param_grads, need_dx)
     F, C, KH, KW = W.shape
     dtype = np.result_type(dy, W)
     T = numba.get_num_threads()
     P = dy.shape[2] * dy.shape[3]
-    dx = np.empty(x.shape, dtype=dtype)
+    dx = np.empty(x.shape if need_dx else (0,) + x.shape[1:], dtype=dtype)   # no dx: an empty stand-in
     dWT_parts = np.empty((T, C * KH * KW, F), dtype=dtype)  # one partial sum of dW^T per thread
     dWT_image = np.empty((T, C * KH * KW, F), dtype=dtype)  # one image's term, before it is added
     db_parts = np.empty((T, F), dtype=dtype)
@@ -739,7 +742,8 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
     with _one_blas_thread():
         _conv2d_backward(np.ascontiguousarray(dy, dtype), np.ascontiguousarray(x, dtype),
                          np.ascontiguousarray(W.reshape(F, -1), dtype), KH, KW, stride, pad,
-                         param_grads, dx, dWT_parts, dWT_image, db_parts, cols, dcols)
+                         param_grads, need_dx, dx, dWT_parts, dWT_image, db_parts, cols, dcols)
+    dx = dx if need_dx else None
     if not param_grads:
         return dx, None, None
     dW = np.ascontiguousarray(dWT_parts.sum(axis=0).T).reshape(W.shape)
