@@ -55,22 +55,26 @@ _threadpools.limit(limits=1, user_api="blas")
 def _maxpool_forward(x, KH, KW, stride, y, argmax):
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
+    # flat arrays and unsigned offsets, as in _copy: no negative-index checks in
+    # the innermost loops (1.3x faster than 4-D indexing, batch 128 of 32x24x24)
+    x_flat, y_flat, a_flat = x.ravel(), y.ravel(), argmax.ravel()
     for n_c in prange(N * C):                # this thread alone writes plane (n, c) of y and argmax
-        n = n_c // C
-        c = n_c % C
+        x0 = np.uint64(n_c * H * W)          # pixel (0, 0) of plane (n, c)
+        y0 = np.uint64(n_c * OH * OW)
         for oh in range(OH):
             for ow in range(OW):
-                h0, w0 = oh * stride, ow * stride
-                best = x[n, c, h0, w0]
+                at = x0 + np.uint64(oh * stride * W + ow * stride)   # the window's top-left pixel
+                best = x_flat[at]
                 best_k = 0
                 for kh in range(KH):
                     for kw in range(KW):
-                        v = x[n, c, h0 + kh, w0 + kw]
+                        v = x_flat[at + np.uint64(kh * W + kw)]
                         if v > best:         # strict: the first maximum wins a tie
                             best = v
                             best_k = kh * KW + kw
-                y[n, c, oh, ow] = best
-                argmax[n, c, oh, ow] = best_k
+                out = y0 + np.uint64(oh * OW + ow)
+                y_flat[out] = best
+                a_flat[out] = best_k
 
 
 def maxpool_forward(x, KH, KW, stride):
