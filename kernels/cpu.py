@@ -33,6 +33,7 @@ thread 289 ms / 165 ms.
 ``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
 import os
+import sys
 
 import numba
 import numpy as np
@@ -269,6 +270,27 @@ def _chunk(N, C, F, TH, TW, itemsize):
     return int(max(1, min(N, WINOGRAD_CHUNK_BYTES // per_image)))
 
 
+# A float32 image row of even width is a row of 64-bit words, each holding one
+# pixel pair (even column in the low half on a little-endian machine). Splitting
+# the words into halves is one vector instruction per 8 or 16 pixels, where
+# picking every other float32 out of a row is a shuffle the compiler does not
+# vectorise: _tile_rows, the even/odd split of every row, is 1.3x faster so.
+_PIXEL_PAIRS_AS_WORDS = sys.byteorder == "little"
+
+
+@njit(cache=True, inline="always")
+def _split_pairs(r, at_even, at_odd, x, s0, n):
+    """r[at_even + t] = x[s0 + 2 t] and r[at_odd + t] = x[s0 + 2 t + 1] for t < n, with
+    r and x float32 arrays viewed as uint32 and uint64: word t of x from word s0 / 2
+    on is the pixel pair (2 t, 2 t + 1), the even one in its low half. s0 is even."""
+    lo = np.uint64(0xFFFFFFFF)
+    w0 = np.uint64(s0 // 2)
+    for t in range(np.uint64(n)):            # unsigned, as in _copy
+        word = x[w0 + t]
+        r[at_even + t] = np.uint32(word & lo)
+        r[at_odd + t] = np.uint32(word >> np.uint64(32))
+
+
 @njit(cache=True)
 def _tile_rows(imgs, pad, R):
     """R[i, w % 2, c, m, th, w // 2] = padded image m's pixel (c, 2 th + i, w): row i of
@@ -282,6 +304,8 @@ def _tile_rows(imgs, pad, R):
     I, _, _, nb, TH, TQ = R.shape
     r, x = R.ravel(), imgs.ravel()
     parity = R.size // (2 * I)               # elements from an even plane to its odd one
+    as_words = _PIXEL_PAIRS_AS_WORDS and x.itemsize == 4 and W % 2 == 0   # see _split_pairs
+    r_u32, x_u64 = r.view(np.uint32), x[:x.size - x.size % 2].view(np.uint64)
     for i in range(I):
         for c in range(C):
             for m in range(count):
@@ -293,6 +317,9 @@ def _tile_rows(imgs, pad, R):
                         at = np.uint64(even + (pad % 2) * parity + pad // 2)        # w = 0, 2, 4, ...
                         at1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)   # w = 1, 3, ...
                         s0 = np.uint64(((m * C + c) * H + h) * W)
+                        if as_words:
+                            _split_pairs(r_u32, at, at1, x_u64, s0, W // 2)
+                            continue
                         for t in range(np.uint64(W // 2)):   # unsigned, as in _copy
                             r[at + t] = x[s0 + 2 * t]
                             r[at1 + t] = x[s0 + 2 * t + 1]
