@@ -284,3 +284,20 @@ def test_backward_without_input_grad_gives_the_same_param_grads(monkeypatch):
     assert set(model.grads) == set(want)
     for k in want:
         np.testing.assert_array_equal(model.grads[k], want[k], err_msg=k)
+
+
+def test_dense_first_layer_without_input_grad():
+    """need_dx=False on a Dense layer (a network that starts with one): no dx,
+    the same dW and db as with dx."""
+    from scratchnet.layers import Dense, ReLU
+    from scratchnet.model import Sequential
+    rng = np.random.default_rng(1)
+    model = Sequential([Dense(6, 5, rng=rng, dtype=np.float64, name="d1"), ReLU(name="r1"),
+                        Dense(5, 3, rng=rng, dtype=np.float64, name="d2")])
+    _, dz = softmax_cross_entropy(model.logits(rng.standard_normal((4, 6))), np.array([0, 1, 2, 1]))
+    dx = model.backward(dz)
+    want = {k: v.copy() for k, v in model.grads.items()}
+    assert dx.shape == (4, 6)
+    assert model.backward(dz, input_grad=False) is None
+    for k in want:
+        np.testing.assert_array_equal(model.grads[k], want[k], err_msg=k)
