@@ -164,7 +164,7 @@ def scratchnet_pass(which, args):
         def run():
             z = model.logits(x, train=True)
             _, dz = softmax_cross_entropy(z, y)
-            model.backward(dz)
+            model.backward(dz, input_grad=False)           # training: no gradient for the images
             opt.step()
     else:
         def run():

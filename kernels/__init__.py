@@ -53,8 +53,8 @@ def _generic_kernels(im2col, col2im):
     def conv2d_forward(x, W, b, stride, pad):
         return reference.conv2d_forward(x, W, b, stride, pad, im2col=im2col)
 
-    def conv2d_backward(dy, x, W, stride, pad, param_grads=True):
-        return reference.conv2d_backward(dy, x, W, stride, pad, param_grads, im2col=im2col, col2im=col2im)
+    def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True):
+        return reference.conv2d_backward(dy, x, W, stride, pad, param_grads, need_dx, im2col=im2col, col2im=col2im)
 
     def relu_forward(x):
         return x.clip(0, None)                    # max(x, 0), NaN kept, with array methods only

@@ -150,7 +150,7 @@ def conv2d_forward(x, W, b, stride, pad, im2col=im2col):
     return y.reshape(N, OH, OW, F).transpose(0, 3, 1, 2).copy()   # NCHW, contiguous
 
 
-def conv2d_backward(dy, x, W, stride, pad, param_grads=True, im2col=im2col, col2im=col2im):
+def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True, im2col=im2col, col2im=col2im):
     """Gradients of conv2d_forward: the same matrix product, transposed.
 
     Parameters
@@ -159,6 +159,8 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True, im2col=im2col, col2
     x : (N, C, H, W) array, the forward pass's input
     W : (F, C, KH, KW) array
     param_grads : bool; False skips dW and db (returned as None) when only dx is wanted
+    need_dx : bool; False skips dx (returned as None): a network's first layer,
+        in training, has no layer below it to pass dx to
     im2col, col2im : the unfolding and its adjoint (see ``conv2d_forward``)
 
     Returns
@@ -167,7 +169,7 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True, im2col=im2col, col2
     """
     F, C, KH, KW = W.shape
     dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, F)          # (N*OH*OW, F), rows ordered as im2col's
-    dx = col2im(dy2 @ W.reshape(F, -1), x.shape, KH, KW, stride, pad)
+    dx = col2im(dy2 @ W.reshape(F, -1), x.shape, KH, KW, stride, pad) if need_dx else None
     if not param_grads:
         return dx, None, None
     dW = (dy2.T @ im2col(x, KH, KW, stride, pad)).reshape(W.shape)

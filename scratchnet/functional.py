@@ -41,17 +41,18 @@ def dense_forward(x, W, b):
     return y, {"x": x, "W": W}
 
 
-def dense_backward(dy, cache, param_grads=True):
+def dense_backward(dy, cache, param_grads=True, need_dx=True):
     """Gradients of y = x @ W + b.
 
-    ``param_grads=False`` skips dW and db (returned as None) when only dx is wanted.
+    ``param_grads=False`` skips dW and db (returned as None) when only dx is wanted;
+    ``need_dx=False`` skips dx (returned as None) when only dW and db are.
 
     Returns
     -------
     dx : (N, D) = dy @ W^T;  dW : (D, M) = x^T @ dy;  db : (M,) = sum of dy over the batch
     """
     x, W = cache["x"], cache["W"]
-    dx = dy @ W.T
+    dx = dy @ W.T if need_dx else None
     if not param_grads:
         return dx, None, None
     dW = x.T @ dy
@@ -89,7 +90,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0):
     return y, {"x": x, "W": W, "stride": stride, "pad": pad}
 
 
-def conv2d_backward(dy, cache, param_grads=True):
+def conv2d_backward(dy, cache, param_grads=True, need_dx=True):
     """Gradients of conv2d_forward.
 
     Parameters
@@ -97,6 +98,8 @@ def conv2d_backward(dy, cache, param_grads=True):
     dy : (N, F, OH, OW)
     param_grads : bool; False skips dW and db (returned as None): an attack
         needs only dx, and dW costs as much as dx
+    need_dx : bool; False skips dx (returned as None): training needs no dx
+        of the network's first layer, whose input is the image
 
     Returns
     -------
@@ -105,7 +108,7 @@ def conv2d_backward(dy, cache, param_grads=True):
     """
     xp = get_array_module(dy)
     return kernels.get("conv2d_backward", xp)(dy, cache["x"], cache["W"], cache["stride"], cache["pad"],
-                                              param_grads)
+                                              param_grads, need_dx)
 
 
 # ===== max pooling =====

@@ -4,11 +4,15 @@ A layer has
 
 * ``params`` and ``grads``: dicts with the same keys (``"W"``, ``"b"``);
 * ``forward(x, train=False)``: checks the input, returns y, keeps a cache;
-* ``backward(dy, param_grads=True)``: returns dx, fills ``grads``; never
-  modifies ``dy``. Calling it again after the same forward gives the same
-  answer (attacks take several vector-Jacobian products of one forward pass).
-  ``param_grads=False`` computes dx only and empties ``grads``: an attack needs
-  no parameter gradients, and in a convolution they cost as much as dx;
+* ``backward(dy, param_grads=True, need_dx=True)``: returns dx, fills
+  ``grads``; never modifies ``dy``. Calling it again after the same forward
+  gives the same answer (attacks take several vector-Jacobian products of one
+  forward pass). ``param_grads=False`` computes dx only and empties ``grads``:
+  an attack needs no parameter gradients, and in a convolution they cost as
+  much as dx. ``need_dx=False`` skips dx and returns None: in training the
+  first layer's input is the image, which takes no gradient, so its dx would
+  be computed for nothing (for the Papernot network's first convolution, a fifth
+  of its backward pass);
 * ``config()``: the constructor arguments, so a model can be saved and rebuilt.
 """
 import numpy as np
@@ -72,8 +76,8 @@ class Conv2D(Layer):
         y, self.cache = F.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad)
         return y
 
-    def backward(self, dy, param_grads=True):
-        dx, dW, db = F.conv2d_backward(dy, self.cache, param_grads)
+    def backward(self, dy, param_grads=True, need_dx=True):
+        dx, dW, db = F.conv2d_backward(dy, self.cache, param_grads, need_dx)
         self.grads = {"W": dW, "b": db} if param_grads else {}
         return dx
 
@@ -99,8 +103,8 @@ class MaxPool2D(Layer):
         y, self.cache = F.maxpool_forward(x, self.KH, self.KW, self.stride)
         return y
 
-    def backward(self, dy, param_grads=True):
-        return F.maxpool_backward(dy, self.cache)
+    def backward(self, dy, param_grads=True, need_dx=True):
+        return F.maxpool_backward(dy, self.cache) if need_dx else None
 
 
 # ===== Dense =====
@@ -124,8 +128,8 @@ class Dense(Layer):
         y, self.cache = F.dense_forward(x, self.params["W"], self.params["b"])
         return y
 
-    def backward(self, dy, param_grads=True):
-        dx, dW, db = F.dense_backward(dy, self.cache, param_grads)
+    def backward(self, dy, param_grads=True, need_dx=True):
+        dx, dW, db = F.dense_backward(dy, self.cache, param_grads, need_dx)
         self.grads = {"W": dW, "b": db} if param_grads else {}
         return dx
 
@@ -141,8 +145,8 @@ class ReLU(Layer):
         y, self.cache = F.relu_forward(x)
         return y
 
-    def backward(self, dy, param_grads=True):
-        return F.relu_backward(dy, self.cache)
+    def backward(self, dy, param_grads=True, need_dx=True):
+        return F.relu_backward(dy, self.cache) if need_dx else None
 
 
 class Flatten(Layer):
@@ -154,8 +158,8 @@ class Flatten(Layer):
         y, self.cache = F.flatten_forward(x)
         return y
 
-    def backward(self, dy, param_grads=True):
-        return F.flatten_backward(dy, self.cache)
+    def backward(self, dy, param_grads=True, need_dx=True):
+        return F.flatten_backward(dy, self.cache) if need_dx else None
 
 
 class Dropout(Layer):
@@ -184,7 +188,9 @@ class Dropout(Layer):
         y, self.cache = F.dropout_forward(x, self.rate, self._rngs[xp])
         return y
 
-    def backward(self, dy, param_grads=True):
+    def backward(self, dy, param_grads=True, need_dx=True):
+        if not need_dx:
+            return None
         return dy if self.cache is None else F.dropout_backward(dy, self.cache)
 
 

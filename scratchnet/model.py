@@ -59,18 +59,25 @@ class Sequential:
 
     # ----- backward -----
 
-    def backward(self, dz, param_grads=True):
+    def backward(self, dz, param_grads=True, input_grad=True):
         """Backprop dL/dz (N, K) of the last forward pass; returns dL/dx (N, C, H, W).
 
         Fills ``layer.grads`` of every layer on the way. May be called several
         times after one forward pass (each call is a vector-Jacobian product).
         ``param_grads=False`` computes only dL/dx, about twice as fast, and
         leaves every ``grads`` empty: what an attack needs.
+        ``input_grad=False`` skips dL/dx and returns None: what training needs.
+        The first layer then computes only its parameter gradients
+        (``need_dx=False``), since no layer below it takes its dx.
         """
         d = dz
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[1:]):
             d = layer.backward(d, param_grads=param_grads)
-        return d
+        first = self.layers[0]
+        if input_grad:
+            return first.backward(d, param_grads=param_grads)
+        first.backward(d, param_grads=param_grads, need_dx=False)
+        return None
 
     # ----- parameters -----
 

@@ -271,7 +271,7 @@ def train(model, x, y, T=1.0, epochs=DEFAULT_EPOCHS, batch_size=128, seed=0,
                 raise TrainingDivergedError(
                     f"{desc}: the loss became {loss} at epoch {epoch + 1}, batch {i + 1} "
                     f"(T={T}, optimizer={optimizer}, lr={opt.lr:.3g}); lower the learning rate")
-            model.backward(dz)
+            model.backward(dz, input_grad=False)           # the images take no gradient
             opt.step()
 
             loss_sum += loss * len(idx)

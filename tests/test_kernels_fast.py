@@ -84,6 +84,12 @@ def test_conv2d_matches_reference(conv_impl, case, dtype):
     assert dW is None and db is None
     np.testing.assert_allclose(to_numpy(dx_only), want[0], rtol=rtol, atol=atol)
 
+    # need_dx=False (a first layer in training): no dx, the same parameter gradients
+    no_dx, dW, db = backward(xp.asarray(dy), xp.asarray(x), xp.asarray(w), stride, pad, True, False)
+    assert no_dx is None
+    for name, g, r in (("dW", dW, want[1]), ("db", db, want[2])):
+        np.testing.assert_allclose(to_numpy(g), r, rtol=rtol, atol=atol * N * H * W, err_msg=name)
+
 
 def test_conv2d_backward_is_the_adjoint_of_forward():
     """<conv(x), dy> == <x, dx> without bias: the CPU kernel's dx is the exact transpose."""
@@ -253,3 +259,45 @@ def test_backward_without_param_grads_gives_the_same_dx():
     assert model.grads == {}          # no stale parameter gradients are left behind
     model.backward(dz)                # and the default fills them again
     assert set(model.grads) == set(model.params)
+
+
+def test_backward_without_input_grad_gives_the_same_param_grads(monkeypatch):
+    """Training's ``input_grad=False``: every parameter gradient as with the default,
+    None for dL/dx, and the first convolution's kernel asked for no dx at all."""
+    from scratchnet import functional
+    model = papernot_mnist(seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).random((3, 1, 28, 28))
+    _, dz = softmax_cross_entropy(model.logits(x), np.array([1, 2, 3]))
+    model.backward(dz)
+    want = {k: v.copy() for k, v in model.grads.items()}
+
+    asked = []                        # need_dx of every convolution's backward, in call order
+    conv2d_backward = functional.conv2d_backward
+
+    def recording(dy, cache, param_grads=True, need_dx=True):
+        asked.append(need_dx)
+        return conv2d_backward(dy, cache, param_grads, need_dx)
+
+    monkeypatch.setattr(functional, "conv2d_backward", recording)
+    assert model.backward(dz, input_grad=False) is None
+    assert asked == [True, True, True, False]          # conv4, conv3, conv2 pass dx on; conv1 does not
+    assert set(model.grads) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(model.grads[k], want[k], err_msg=k)
+
+
+def test_dense_first_layer_without_input_grad():
+    """need_dx=False on a Dense layer (a network that starts with one): no dx,
+    the same dW and db as with dx."""
+    from scratchnet.layers import Dense, ReLU
+    from scratchnet.model import Sequential
+    rng = np.random.default_rng(1)
+    model = Sequential([Dense(6, 5, rng=rng, dtype=np.float64, name="d1"), ReLU(name="r1"),
+                        Dense(5, 3, rng=rng, dtype=np.float64, name="d2")])
+    _, dz = softmax_cross_entropy(model.logits(rng.standard_normal((4, 6))), np.array([0, 1, 2, 1]))
+    dx = model.backward(dz)
+    want = {k: v.copy() for k, v in model.grads.items()}
+    assert dx.shape == (4, 6)
+    assert model.backward(dz, input_grad=False) is None
+    for k in want:
+        np.testing.assert_array_equal(model.grads[k], want[k], err_msg=k)
