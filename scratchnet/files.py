@@ -273,3 +273,9 @@ def read_json(path):
     """A JSON file written by ``write_json``, with its non-finite floats restored."""
     with open(path) as f:
         return from_jsonable(json.load(f))
+
+
+def save_figure(fig, path, dpi=120):
+    """Save a matplotlib figure as a PNG, atomically (the old file, or the whole new one)."""
+    with atomic_write(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")

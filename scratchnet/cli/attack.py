@@ -186,9 +186,8 @@ def save_png(path, x, x_adv, labels, pred_before, pred_after, targets=None, max_
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    from ..files import atomic_write
-    with atomic_write(path, "wb", suffix=".png") as f:
-        fig.savefig(f, format="png", dpi=100)
+    from ..files import save_figure
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -337,7 +337,7 @@ def save_png(path, record, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from ..attacks.indicators import INDICATORS
-    from ..files import atomic_write
+    from ..files import save_figure
 
     bars = [("clean\n(no attack)", record["clean"], "0.7")]
     colours = {"cheap": "tab:red", "mitigation": "tab:blue"}
@@ -385,6 +385,5 @@ def save_png(path, record, title=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_write(path, "wb", suffix=".png") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -31,7 +31,7 @@ import numpy as np
 from ..cache import get_model
 from ..cli import Parser, UsageError, positive_int, random_seed, temperature
 from ..data import load_mnist
-from ..files import atomic_write, check_writable, read_json, write_json  # noqa: F401  (write_json: the studies' JSON writer)
+from ..files import atomic_write, check_writable, read_json, save_figure, write_json  # noqa: F401  (write_json, save_figure: the studies' writers)
 
 FULL_T = [1, 2, 5, 10, 20, 50, 100]
 RECIPES = ["temperature", "distilled"]
@@ -218,12 +218,6 @@ def _fmt(v):
     if isinstance(v, (float, np.floating)):
         return f"{float(v):.6g}"
     return v
-
-
-def save_figure(fig, path):
-    """Save a matplotlib figure atomically (PNG, 120 dpi)."""
-    with atomic_write(path, "wb", suffix=".png") as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def print_table(rows, columns, headers=None):
