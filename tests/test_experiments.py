@@ -164,6 +164,15 @@ def test_distillation_vs_temperature(work):
     assert [r["measure"] for r in rows] == [m[0] for m in distillation_vs_temperature.MEASURES]
     acc = rows[0]
     assert float(acc["temperature_lo"]) <= float(acc["temperature_mean"]) <= float(acc["temperature_hi"])
+    # the spread table: every model, every measure and the logit margin; one seed has no sd
+    columns, spread = read_csv(out / "distillation_vs_temperature_spread.csv")
+    assert columns == distillation_vs_temperature.SPREAD_COLUMNS
+    assert {(r["recipe"], float(r["T"])) for r in spread} == {("standard", 1.0), ("temperature", 30.0),
+                                                              ("distilled", 30.0)}
+    margins = [r for r in spread if r["measure"] == distillation_vs_temperature.MARGIN]
+    assert len(margins) == 3 and all(r["n_seeds"] == "1" and r["sd"] == "nan" for r in margins)
+    assert float(next(r for r in margins if r["recipe"] == "temperature")["mean"]) > float(
+        next(r for r in margins if r["recipe"] == "standard")["mean"])            # the margin grows with T
     # the measurements grad_vs_T and attack_vs_T finished were read, not recomputed:
     # only this script's own store is empty of them
     if (out / "parts").exists():

@@ -38,7 +38,9 @@ Usage::
 
 Outputs in ``--out`` (default ``results/distillation_vs_temperature[_quick]``):
 ``distillation_vs_temperature.csv`` (one row per T and measure, both recipes
-side by side), ``.json`` (also every per-seed value) and ``.png``.
+side by side), ``distillation_vs_temperature_spread.csv`` (how much each
+measure, and the mean logit margin, varies from seed to seed: one row per
+recipe, T and measure), ``.json`` (also every per-seed value) and ``.png``.
 """
 import math
 import os
@@ -55,6 +57,7 @@ FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": grad_vs_T.FULL
         "n_jsma": attack_vs_T.FULL["n"]}
 
 DEFAULT_EPS = 0.3                      # the largest FGSM step of attack_vs_T.py (stored results are reused)
+SPREAD_COLUMNS = ["recipe", "T", "measure", "unit", "n_seeds", "mean", "sd", "min", "max", "range"]
 COLUMNS = ["measure", "T", "temperature_mean", "temperature_lo", "temperature_hi", "distilled_mean",
            "distilled_lo", "distilled_hi", "difference", "intervals_overlap", "interval", "n_seeds",
            "better_defence"]
@@ -173,10 +176,17 @@ def main():
             per_model[(r["recipe"], r["T"], r["seed"])][f"loss-gradient suppression, {r['source']}"] = {
                 "value": r["suppression_log10_geomean"]}
 
+    for r in grad_rows:
+        if r["quantity"] == "loss" and r["source"] == "masked":
+            per_model[(r["recipe"], r["T"], r["seed"])][MARGIN] = {"value": r["mean_margin"]}
+
     rows = compare(per_model, settings)
+    spread_rows = spread(per_model, settings)
     common.write_csv(os.path.join(out, "distillation_vs_temperature.csv"), rows, COLUMNS)
+    common.write_csv(os.path.join(out, "distillation_vs_temperature_spread.csv"), spread_rows, SPREAD_COLUMNS)
     common.write_json(os.path.join(out, "distillation_vs_temperature.json"),
                       {"settings": settings, "attack_settings": att_settings, "rows": rows,
+                       "spread": spread_rows,
                        "per_model": [{"recipe": k[0], "T": k[1], "seed": k[2], **v} for k, v in per_model.items()]})
     plot(rows, per_model, os.path.join(out, "distillation_vs_temperature.png"), settings, att_settings["eps"][0])
 
@@ -188,9 +198,14 @@ def main():
               "overlap": {True: "yes", False: "NO", None: "-"}[r["intervals_overlap"]], "interval": r["interval"]}
              for r in rows]
     common.print_table(table, ["measure", "T", "temperature", "distilled", "overlap", "interval"])
+    if len(settings["seeds"]) > 1:
+        print(f"\nseed-to-seed spread over {len(settings['seeds'])} seeds (sample standard deviation; "
+              "range = max - min)")
+        common.print_table([{**r, "sd": f"{r['sd']:.3g}", "range": f"{r['range']:.3g}"} for r in spread_rows],
+                           ["recipe", "T", "measure", "unit", "mean", "sd", "range"])
     print()
     print(verdict(rows, per_model, settings))
-    print(f"\nwrote {out}/distillation_vs_temperature.csv, .json, .png")
+    print(f"\nwrote {out}/distillation_vs_temperature.csv, _spread.csv, .json, .png")
     return 0
 
 
@@ -217,6 +232,35 @@ def compare(per_model, settings):
             else:
                 row["better_defence"] = "not resolved" if lower_better is not None else "-"
             rows.append(row)
+    return rows
+
+
+MARGIN = "mean logit margin"           # top logit minus the runner-up, over correctly classified images
+
+
+def spread(per_model, settings):
+    """How much each measure varies between seeds: one row per (recipe, T, measure).
+
+    ``sd`` is the sample standard deviation over the seeds (ddof = 1; NaN with
+    one seed), ``range`` the largest minus the smallest value. A seed without
+    a value for a measure (no correctly classified image to attack) is left out.
+    """
+    units = {name: unit for name, unit, _ in MEASURES}
+    units[MARGIN] = "logit"
+    models = [("standard", 1.0)] + [(r, T) for r in ("temperature", "distilled") for T in settings["T"] if T != 1.0]
+    rows = []
+    for recipe, T in models:
+        for name, unit in units.items():
+            values = np.array([per_model[(recipe, T, s)][name]["value"] for s in settings["seeds"]
+                               if name in per_model[(recipe, T, s)]], dtype=float)
+            values = values[~np.isnan(values)]
+            if len(values) == 0:
+                continue
+            rows.append({"recipe": recipe, "T": T, "measure": name, "unit": unit, "n_seeds": len(values),
+                         "mean": float(values.mean()),
+                         "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                         "min": float(values.min()), "max": float(values.max()),
+                         "range": float(values.max() - values.min())})
     return rows
 
 

@@ -1,0 +1,40 @@
+"""The seed-to-seed spread table of distillation_vs_temperature.py, on made-up values."""
+import math
+
+import numpy as np
+
+from scratchnet.study import distillation
+
+
+def per_model_from(values):
+    """{(recipe, T, seed): {measure: {"value": v}}} with every measure set from ``values[(recipe, T)][seed]``."""
+    names = [m[0] for m in distillation.MEASURES] + [distillation.MARGIN]
+    return {(recipe, T, seed): {name: {"value": v} for name in names}
+            for (recipe, T), per_seed in values.items() for seed, v in enumerate(per_seed)}
+
+
+def test_spread_is_the_sample_sd_and_range_over_seeds():
+    values = {("standard", 1.0): [1.0, 2.0, 4.0], ("temperature", 20.0): [10.0, 10.0, 10.0],
+              ("distilled", 20.0): [3.0, 5.0, 13.0]}
+    rows = distillation.spread(per_model_from(values), {"T": [1.0, 20.0], "seeds": [0, 1, 2]})
+    n_measures = len(distillation.MEASURES) + 1
+    assert len(rows) == 3 * n_measures
+    by = {(r["recipe"], r["T"], r["measure"]): r for r in rows}
+    r = by[("distilled", 20.0, distillation.MARGIN)]
+    assert r["unit"] == "logit" and r["n_seeds"] == 3
+    assert r["mean"] == 7.0
+    assert math.isclose(r["sd"], math.sqrt(((3 - 7) ** 2 + (5 - 7) ** 2 + (13 - 7) ** 2) / 2))   # ddof = 1
+    assert (r["min"], r["max"], r["range"]) == (3.0, 13.0, 10.0)
+    assert by[("temperature", 20.0, "test accuracy")]["sd"] == 0.0
+    assert math.isclose(by[("standard", 1.0, "JSMA success, fixed")]["sd"], np.std([1.0, 2.0, 4.0], ddof=1))
+
+
+def test_spread_leaves_out_missing_values_and_has_no_sd_from_one_seed():
+    values = {("standard", 1.0): [1.0, math.nan], ("temperature", 20.0): [2.0, 3.0],
+              ("distilled", 20.0): [math.nan, math.nan]}
+    rows = distillation.spread(per_model_from(values), {"T": [1.0, 20.0], "seeds": [0, 1]})
+    assert {r["recipe"] for r in rows} == {"standard", "temperature"}        # no value at all: no row
+    one = [r for r in rows if r["recipe"] == "standard"]
+    assert all(r["n_seeds"] == 1 and math.isnan(r["sd"]) and r["range"] == 0.0 for r in one)
+    two = [r for r in rows if r["recipe"] == "temperature"]
+    assert all(r["n_seeds"] == 2 and math.isclose(r["sd"], math.sqrt(0.5)) for r in two)
