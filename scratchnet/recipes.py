@@ -105,7 +105,9 @@ def _deploy(model, data, recipe, T, seed, epochs, history, started, settings, ex
             "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
             "train_seconds": float(sum(seconds)),      # all epochs, also across a resumed run
             "wall_seconds": time.perf_counter() - started,  # this call: resumed epochs, relabelling, evaluation
-            "dtype": test["dtype"], "scratchnet_version": __version__, "training_version": TRAINING_VERSION}
+            "dtype": test["dtype"], "scratchnet_version": __version__, "training_version": TRAINING_VERSION,
+            # the weights depend on it: see "Reproducibility" in training.py
+            "cpu_threads": training.cpu_threads() if training._device_of(model) == "cpu" else None}
     meta.update(extra or {})
     return meta
 

@@ -19,9 +19,15 @@ alternative ``optimizer="sgd"`` is SGD with momentum 0.9 whose learning rate
 is multiplied by T, which undoes the 1/T.
 
 Reproducibility: the shuffling and the dropout masks of epoch ``e`` are drawn
-from generators seeded by ``(seed, e)``, so the same seed on the same device
-gives the same weights, and a run resumed from a checkpoint after epoch ``e``
-continues exactly as the uninterrupted run would have.
+from generators seeded by ``(seed, e)``, so the same seed on the same device,
+with the same number of CPU threads, gives the same weights, and a run resumed
+from a checkpoint after epoch ``e`` continues exactly as the uninterrupted run
+would have. The thread count matters because the convolution kernels sum
+the weight gradient over one block of images per thread and then add the
+blocks: another count adds the same float32 numbers in another order, so the
+weights differ in their last bits after the first step and the training then
+drifts to a different, equally good model. The count used is recorded in a
+deployed model's metadata (``cpu_threads``; ``NUMBA_NUM_THREADS`` sets it).
 
 Which network is trained on what, at which T (the recipes): ``recipes.py``.
 """
@@ -167,6 +173,12 @@ def make_optimizer(model, optimizer, T):
 
 
 # ===== the training loop =====
+
+def cpu_threads():
+    """The number of threads the CPU kernels run on (Numba's; ``NUMBA_NUM_THREADS``)."""
+    import numba
+    return numba.get_num_threads()
+
 
 def _device_of(model):
     return "cpu" if model.xp is np else "gpu"
