@@ -301,9 +301,10 @@ def verdict(rows, per_model, settings):
         s.append(f"; the temperature alone on {len(for_temperature)}" +
                  (": " + "; ".join(map(name, for_temperature)) if for_temperature else ""))
         s.append(f"; {len(judged) - len(resolved)} overlap. On these numbers distillation does add something "
-                 "beyond the temperature on the measures listed, ")
+                 "beyond the temperature on the measures listed. For scale, ")
     s.append(f"training at T = {Tmax:g} with hard labels alone takes JSMA on the deployed softmax from "
              f"{base:.1f} % (T = 1) to {temp_hi:.1f} %.")
+    s.append(f" Each comparison is two 95 % intervals, with no correction for the {len(judged)} made.")
     if unjudged:
         s.append(f" {len(unjudged)} measure(s) have no interval on one side and are not judged ("
                  + ", ".join(f"{r['measure']} at T = {r['T']:g}" for r in unjudged) + "): "
