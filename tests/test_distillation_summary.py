@@ -1,4 +1,4 @@
-"""The seed-to-seed spread table of distillation_vs_temperature.py, on made-up values."""
+"""The summaries of distillation_vs_temperature.py (the seed-to-seed spread, the verdict) on made-up values."""
 import math
 
 import numpy as np
@@ -38,3 +38,35 @@ def test_spread_leaves_out_missing_values_and_has_no_sd_from_one_seed():
     assert all(r["n_seeds"] == 1 and math.isnan(r["sd"]) and r["range"] == 0.0 for r in one)
     two = [r for r in rows if r["recipe"] == "temperature"]
     assert all(r["n_seeds"] == 2 and math.isclose(r["sd"], math.sqrt(0.5)) for r in two)
+
+
+def made_up_runs(distilled_shift):
+    """Three seeds at T = 1 and 20; every distilled value at T = 20 is shifted by ``distilled_shift[measure]``."""
+    names = [m[0] for m in distillation.MEASURES]
+    per_model = {}
+    for seed in range(3):
+        base = {name: 50.0 + seed for name in names}           # a seed-to-seed spread of 1
+        per_model[("standard", 1.0, seed)] = {n: {"value": v, "k": 1, "n": 2} for n, v in base.items()}
+        per_model[("temperature", 20.0, seed)] = {n: {"value": v, "k": 1, "n": 2} for n, v in base.items()}
+        per_model[("distilled", 20.0, seed)] = {n: {"value": v + distilled_shift.get(n, 0.0), "k": 1, "n": 2}
+                                                for n, v in base.items()}
+    settings = {"T": [1.0, 20.0], "seeds": [0, 1, 2]}
+    rows = distillation.compare(per_model, settings)
+    return rows, distillation.verdict(rows, per_model, settings)
+
+
+def test_the_verdict_follows_the_attack_measures_and_only_names_a_gradient_difference():
+    rows, text = made_up_runs({"loss-gradient suppression, masked": -30.0})
+    supp = next(r for r in rows if r["measure"] == "loss-gradient suppression, masked")
+    assert supp["intervals_overlap"] is False and supp["better_defence"] == "-"
+    assert "distillation adds nothing detectable" in text
+    assert "measures of the gradient, not of defence: loss-gradient suppression, masked at T = 20" in text
+    assert "with no correction for the 4 made" in text                  # the four attack measures
+
+
+def test_the_verdict_names_an_attack_measure_where_distillation_is_better():
+    rows, text = made_up_runs({"JSMA success, masked": -20.0})
+    jsma = next(r for r in rows if r["measure"] == "JSMA success, masked")
+    assert jsma["intervals_overlap"] is False and jsma["better_defence"] == "distilled"
+    assert "distillation is the better defence on 1: JSMA success, masked at T = 20" in text
+    assert "distillation adds nothing detectable" not in text
