@@ -70,3 +70,11 @@ def test_the_verdict_names_an_attack_measure_where_distillation_is_better():
     assert jsma["intervals_overlap"] is False and jsma["better_defence"] == "distilled"
     assert "distillation is the better defence on 1: JSMA success, masked at T = 20" in text
     assert "distillation adds nothing detectable" not in text
+
+
+def test_the_verdict_says_when_every_difference_is_in_a_masked_attack():
+    _, text = made_up_runs({"JSMA success, masked": -20.0})
+    assert "the recipes differ in how much they mask, not in robustness" in text
+    _, text = made_up_runs({"JSMA success, masked": -20.0, "FGSM success, fixed": -20.0})
+    assert "distillation is the better defence on 2" in text
+    assert "not in robustness" not in text                   # a fixed attack separates too

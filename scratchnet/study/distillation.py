@@ -310,6 +310,11 @@ def verdict(rows, per_model, settings):
     s.append(f"training at T = {Tmax:g} with hard labels alone takes JSMA on the deployed softmax from "
              f"{base:.1f} % (T = 1) to {temp_hi:.1f} %.")
     s.append(f" Each comparison is two 95 % intervals, with no correction for the {len(judged)} made.")
+    fixed = [r for r in judged if r["measure"].endswith("fixed")]
+    if resolved and fixed and all(r["measure"].endswith("masked") for r in resolved):
+        s.append(" Every resolved difference is in an attack on the deployed softmax, whose gradient the "
+                 "temperature masks, and none in the attacks on softmax(z / T_train): the recipes differ in "
+                 "how much they mask, not in robustness.")
     if unjudged:
         s.append(f" {len(unjudged)} measure(s) have no interval on one side and are not judged ("
                  + ", ".join(f"{r['measure']} at T = {r['T']:g}" for r in unjudged) + "): "
