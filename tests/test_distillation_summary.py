@@ -8,7 +8,7 @@ from scratchnet.study import distillation
 
 def per_model_from(values):
     """{(recipe, T, seed): {measure: {"value": v}}} with every measure set from ``values[(recipe, T)][seed]``."""
-    names = [m[0] for m in distillation.MEASURES] + [distillation.MARGIN]
+    names = [m[0] for m in distillation.MEASURES]
     return {(recipe, T, seed): {name: {"value": v} for name in names}
             for (recipe, T), per_seed in values.items() for seed, v in enumerate(per_seed)}
 
@@ -17,7 +17,7 @@ def test_spread_is_the_sample_sd_and_range_over_seeds():
     values = {("standard", 1.0): [1.0, 2.0, 4.0], ("temperature", 20.0): [10.0, 10.0, 10.0],
               ("distilled", 20.0): [3.0, 5.0, 13.0]}
     rows = distillation.spread(per_model_from(values), {"T": [1.0, 20.0], "seeds": [0, 1, 2]})
-    n_measures = len(distillation.MEASURES) + 1
+    n_measures = len(distillation.MEASURES)                 # the logit margin among them
     assert len(rows) == 3 * n_measures
     by = {(r["recipe"], r["T"], r["measure"]): r for r in rows}
     r = by[("distilled", 20.0, distillation.MARGIN)]
@@ -60,7 +60,7 @@ def test_the_verdict_follows_the_attack_measures_and_only_names_a_gradient_diffe
     supp = next(r for r in rows if r["measure"] == "loss-gradient suppression, masked")
     assert supp["intervals_overlap"] is False and supp["better_defence"] == "-"
     assert "distillation adds nothing detectable" in text
-    assert "measures of the gradient, not of defence: loss-gradient suppression, masked at T = 20" in text
+    assert "measures of the masking, not of defence: loss-gradient suppression, masked at T = 20" in text
     assert "with no correction for the 4 made" in text                  # the four attack measures
 
 

@@ -17,7 +17,9 @@ Side by side, with 95 % confidence intervals:
   ``grad_vs_T.py``);
 * attack success: JSMA on the deployed softmax and on softmax(z / T_train),
   FGSM on the deployed cross-entropy and at T_train (the attacks of
-  ``attack_vs_T.py``).
+  ``attack_vs_T.py``);
+* the mean logit margin (top logit minus the runner-up, over the correctly
+  classified images), which sets the suppression.
 
 Intervals: with several seeds, a t-interval of the mean over seeds (the
 seed-to-seed spread of training); with one seed (``--quick``), a Wilson
@@ -110,7 +112,9 @@ MEASURES = [
     ("JSMA success, fixed", "%", True),
     ("FGSM success, masked", "%", True),
     ("FGSM success, fixed", "%", True),
+    ("mean logit margin", "logit", None),   # top logit minus the runner-up, over correctly classified images
 ]
+MARGIN = MEASURES[-1][0]
 
 
 def measure_one(model, meta, T, data, settings, att_settings, grad_store, attack_store, progress):
@@ -240,9 +244,6 @@ def compare(per_model, settings):
     return rows
 
 
-MARGIN = "mean logit margin"           # top logit minus the runner-up, over correctly classified images
-
-
 def spread(per_model, settings):
     """How much each measure varies between seeds: one row per (recipe, T, measure).
 
@@ -251,7 +252,6 @@ def spread(per_model, settings):
     a value for a measure (no correctly classified image to attack) is left out.
     """
     units = {name: unit for name, unit, _ in MEASURES}
-    units[MARGIN] = "logit"
     models = [("standard", 1.0)] + [(r, T) for r in ("temperature", "distilled") for T in settings["T"] if T != 1.0]
     rows = []
     for recipe, T in models:
@@ -322,7 +322,7 @@ def verdict(rows, per_model, settings):
     described = [r for r in rows if r["better_defence"] == "-" and r["measure"] != "test accuracy"]
     apart = [r for r in described if r["intervals_overlap"] is False]
     if apart:
-        s.append(" The recipes differ beyond the intervals on measures of the gradient, not of defence: "
+        s.append(" The recipes differ beyond the intervals on measures of the masking, not of defence: "
                  + "; ".join(map(name, apart)) + ".")
     if acc_diff:
         s.append(" Test accuracy differs beyond the intervals at " + "; ".join(
@@ -363,21 +363,22 @@ def plot(rows, per_model, path, settings, eps):
         ax.set_title(name.replace("FGSM success", f"FGSM success (eps = {eps:g})"), fontsize=10)
         ax.set_ylabel("test accuracy (%)" if name == "test accuracy" else
                       "success rate (% of correctly classified)" if unit == "%" else
+                      "top logit - runner-up (logits)" if unit == "logit" else
                       "log10 of gradient norm / T = 1 model's")
+        if unit == "logit":
+            ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(names):]:
         ax.axis("off")
-    axes[-1].text(0, 0.5, "masked: softmax at T = 1, as deployed\n"
-                          "rescaled / fixed: softmax(z / T_train)\n\n"
-                          "bars: 95 % intervals; none where only\none value exists (one seed)\n\n"
-                          "dotted line: the standard (T = 1) model",
-                  transform=axes[-1].transAxes, fontsize=10, va="center")
+    fig.text(0.5, 0.01, "masked: softmax at T = 1, as deployed;  rescaled / fixed: softmax(z / T_train);  "
+                        "bars: 95 % intervals, none where only one value exists (one seed);  "
+                        "dotted line: the standard (T = 1) model", ha="center", fontsize=10)
     axes[0].legend(fontsize=8)
     kind = rows[0]["interval"] if rows else ""
     fig.suptitle(f"Temperature alone vs defensive distillation, deployed at T = 1 "
                  f"(95 % intervals: {kind}; {settings['architecture']} network, {settings['epochs']} epochs "
                  f"on {settings['train_size'] or 55000} images)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     common.save_figure(fig, path)
     plt.close(fig)
 
