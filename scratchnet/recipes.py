@@ -106,8 +106,7 @@ def _deploy(model, data, recipe, T, seed, epochs, history, started, settings, ex
             "train_seconds": float(sum(seconds)),      # all epochs, also across a resumed run
             "wall_seconds": time.perf_counter() - started,  # this call: resumed epochs, relabelling, evaluation
             "dtype": test["dtype"], "scratchnet_version": __version__, "training_version": TRAINING_VERSION,
-            # the weights depend on it: see "Reproducibility" in training.py
-            "cpu_threads": training.cpu_threads() if training._device_of(model) == "cpu" else None}
+            "cpu_threads": training.cpu_threads(model)}   # the weights depend on it (training.py)
     meta.update(extra or {})
     return meta
 

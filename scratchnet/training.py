@@ -174,10 +174,11 @@ def make_optimizer(model, optimizer, T):
 
 # ===== the training loop =====
 
-def cpu_threads():
-    """The number of threads the CPU kernels run on (Numba's; ``NUMBA_NUM_THREADS``)."""
+def cpu_threads(model):
+    """The number of threads the CPU kernels train ``model`` on (Numba's, set by
+    ``NUMBA_NUM_THREADS``); None for a model on the GPU."""
     import numba
-    return numba.get_num_threads()
+    return numba.get_num_threads() if _device_of(model) == "cpu" else None
 
 
 def _device_of(model):

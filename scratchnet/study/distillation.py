@@ -182,12 +182,10 @@ def main():
     grad_vs_T.add_suppression(grad_rows)
     for r in grad_rows:
         if r["quantity"] == "loss":
-            per_model[(r["recipe"], r["T"], r["seed"])][f"loss-gradient suppression, {r['source']}"] = {
-                "value": r["suppression_log10_geomean"]}
-
-    for r in grad_rows:
-        if r["quantity"] == "loss" and r["source"] == "masked":
-            per_model[(r["recipe"], r["T"], r["seed"])][MARGIN] = {"value": r["mean_margin"]}
+            measured = per_model[(r["recipe"], r["T"], r["seed"])]
+            measured[f"loss-gradient suppression, {r['source']}"] = {"value": r["suppression_log10_geomean"]}
+            if r["source"] == "masked":
+                measured[MARGIN] = {"value": r["mean_margin"]}
 
     rows = compare(per_model, settings)
     spread_rows = spread(per_model, settings)
@@ -251,13 +249,11 @@ def spread(per_model, settings):
     one seed), ``range`` the largest minus the smallest value. A seed without
     a value for a measure (no correctly classified image to attack) is left out.
     """
-    units = {name: unit for name, unit, _ in MEASURES}
     models = [("standard", 1.0)] + [(r, T) for r in ("temperature", "distilled") for T in settings["T"] if T != 1.0]
     rows = []
     for recipe, T in models:
-        for name, unit in units.items():
-            values = np.array([per_model[(recipe, T, s)][name]["value"] for s in settings["seeds"]
-                               if name in per_model[(recipe, T, s)]], dtype=float)
+        for name, unit, _ in MEASURES:
+            values = np.array([per_model[(recipe, T, s)][name]["value"] for s in settings["seeds"]], dtype=float)
             values = values[~np.isnan(values)]
             if len(values) == 0:
                 continue
