@@ -28,7 +28,10 @@ worst      the worst case per image over all seven: an image counts as robust on
 
 Robust accuracy is the share of the ``n`` images still classified correctly
 after the attack (a misclassified clean image counts as not robust), with a
-95 % Wilson interval over the images (``scratchnet.stats.wilson``).
+95 % Wilson interval over the images (``scratchnet.stats.wilson``). With
+several seeds the rates are pooled over them (the same images once per
+seed), and the worst case is also given seed by seed with a t-interval over
+the seeds (``over_seeds``), which carries the spread between trainings.
 With ``n`` = 500 the interval's half-width is at most 4.4 points:
 two rates ten points apart have disjoint intervals.
 
@@ -79,7 +82,7 @@ from ..cli import UsageError, fraction, positive_int
 from ..attacks.diagnostics import estimate_temperature, top2_margins
 from ..files import atomic_write
 from . import common
-from ..stats import wilson
+from ..stats import t_interval, wilson
 
 # The models are grad_vs_T's and attack_vs_T's (same T, training images and epochs): one model cache.
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": 100, "eps": [0.1, 0.2, 0.3],
@@ -311,6 +314,34 @@ def pooled(rows, recipe, T, eps, attack):
     return k / n, lo, hi, k, n
 
 
+def images_text(settings):
+    """'200 test images', or '200 test images x 3 seeds' when the rates are pooled over seeds."""
+    k = len(settings["seeds"])
+    return f"{settings['n']} test images" + (f" x {k} seeds" if k > 1 else "")
+
+
+def over_seeds(rows, settings):
+    """The worst case of every model and eps seed by seed, with the mean and its 95 % t-interval
+    over the seeds (in %): the spread between trainings, which the pooled interval leaves out.
+
+    Pooled over seeds, each of the ``n`` images counts once per seed, and ``pooled``'s Wilson
+    interval treats the copies as independent; this interval is over seeds only.
+    """
+    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    out = []
+    for eps in settings["eps"]:
+        for recipe, T in models:
+            per_seed = []
+            for seed in settings["seeds"]:
+                r = next(r for r in rows if r["recipe"] == recipe and r["T"] == T and r["seed"] == seed
+                         and r["eps"] == eps and r["attack"] == "worst")
+                per_seed.append(100 * r["robust_accuracy"])
+            m, lo, hi = t_interval(per_seed)
+            out.append({"recipe": recipe, "T": T, "eps": eps, "per_seed": per_seed, "mean": m,
+                        "lo": max(lo, 0.0), "hi": min(hi, 100.0)})
+    return out
+
+
 # ===== figures =====
 
 STYLE = {"fgsm": ("tab:orange", "v-"), "pgd": ("tab:red", "^-"), "apgd-ce": ("tab:purple", "o-"),
@@ -352,8 +383,7 @@ def plot_accuracy(rows, path, settings):
                 ax.set_ylabel("robust accuracy (%), 95 % Wilson intervals")
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8.5, bbox_to_anchor=(0.5, 0.0))
-    n = settings["n"] * len(settings["seeds"])
-    fig.suptitle(f"Robust accuracy against the training temperature, deployed at T = 1, on {n} test images "
+    fig.suptitle(f"Robust accuracy against the training temperature, deployed at T = 1, on {images_text(settings)} "
                  f"(T = 1 is the standard model; {settings['architecture']} network, {settings['epochs']} epochs "
                  f"on {settings['train_size'] or 55000} images)\nAPGD {settings['apgd_steps']} steps, PGD "
                  f"{settings['pgd_steps']} steps, Square {settings['queries']} queries", fontsize=10)
@@ -395,8 +425,7 @@ def plot_indicators(ind_rows, path, settings, eps):
         ax.set_yticks(range(len(models)))
         ax.set_yticklabels([f"{r}, T = {T:g}" for r, T in models], fontsize=8.5)
         ax.set_title(f"{'APGD-CE at T = 1' if attack == 'apgd-ce' else 'APGD-DLR'}", fontsize=10)
-    n = settings["n"] * len(settings["seeds"])
-    fig.suptitle(f"Indicators of attack failure at L-inf eps = {eps:g}, {n} test images: % of the images each "
+    fig.suptitle(f"Indicators of attack failure at L-inf eps = {eps:g}, {images_text(settings)}: % of the images each "
                  f"applies to that it flags\n(* fires: at least {100 * indicators.MIN_FRACTION:.0f} %; grey n/a: "
                  f"no image it applies to; APGD {settings['apgd_steps']} steps)", fontsize=10)
     fig.tight_layout()
@@ -505,7 +534,7 @@ def study_settings(args, settings):
 def print_tables(rows, ind_rows, settings):
     models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
     for eps in settings["eps"]:
-        print(f"\nrobust accuracy (%) at L-inf eps {eps:g}, {settings['n'] * len(settings['seeds'])} images; "
+        print(f"\nrobust accuracy (%) at L-inf eps {eps:g}, {images_text(settings)}; "
               f"worst case with its 95 % Wilson interval")
         table = []
         for recipe, T in models:
@@ -569,13 +598,22 @@ def main():
 
     common.write_csv(os.path.join(out, "robustness_vs_T.csv"), rows, COLUMNS)
     common.write_csv(os.path.join(out, "robustness_vs_T_indicators.csv"), ind_rows, INDICATOR_COLUMNS)
+    seeds_rows = over_seeds(rows, settings) if len(settings["seeds"]) > 1 else []
     common.write_json(os.path.join(out, "robustness_vs_T.json"),
-                      {"settings": settings, "attacks": LABELS, "rows": rows, "indicators": ind_rows})
+                      {"settings": settings, "attacks": LABELS, "rows": rows, "indicators": ind_rows,
+                       "worst_over_seeds": seeds_rows})
     plot_accuracy(rows, os.path.join(out, "robustness_vs_T.png"), settings)
     plot_indicators(ind_rows, os.path.join(out, "robustness_vs_T_indicators.png"), settings,
                     settings["indicator_eps"])
 
     print_tables(rows, ind_rows, settings)
+    if seeds_rows:
+        print(f"\nworst case per seed (%), and its mean over the {len(settings['seeds'])} seeds with a 95 % "
+              "t-interval (the pooled Wilson intervals above count the same images once per seed)")
+        common.print_table([{"model": f"{r['recipe']} T={r['T']:g}", "eps": f"{r['eps']:g}",
+                             "per seed": " / ".join(f"{v:.1f}" for v in r["per_seed"]),
+                             "mean [95 % t]": f"{r['mean']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}]"}
+                            for r in seeds_rows], ["model", "eps", "per seed", "mean [95 % t]"])
     print()
     for line in verdict(rows, settings, worst):
         print(line)
