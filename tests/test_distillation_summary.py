@@ -78,3 +78,20 @@ def test_the_verdict_says_when_every_difference_is_in_a_masked_attack():
     _, text = made_up_runs({"JSMA success, masked": -20.0, "FGSM success, fixed": -20.0})
     assert "distillation is the better defence on 2" in text
     assert "not in robustness" not in text                   # a fixed attack separates too
+
+
+def test_the_readme_tables_are_the_committed_run_s_outputs():
+    """The README's run S tables are what ``markdown`` makes of the committed JSON, to the letter."""
+    import json
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    folder = os.path.join(root, "experiments", "results", "distillation_vs_temperature")
+    with open(os.path.join(folder, "distillation_vs_temperature.json")) as f:
+        run = json.load(f)
+    assert run["settings"]["seeds"] == [0, 1, 2]
+    comparison, spread = distillation.markdown(run["rows"], run["spread"])
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    assert comparison in readme and spread in readme
+    with open(os.path.join(folder, "distillation_vs_temperature.md")) as f:
+        assert f.read() == comparison + "\n\n" + spread + "\n"

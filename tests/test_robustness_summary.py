@@ -24,3 +24,19 @@ def test_over_seeds_is_the_t_interval_of_the_per_seed_worst_case():
     assert (std["mean"], std["lo"], std["hi"]) == pytest.approx((66.0, 66.0 - half, 66.0 + half))
     assert hot["mean"] == pytest.approx((77.5 + 78.0 + 2.0) / 3)
     assert (hot["lo"], hot["hi"]) == (0.0, 100.0)             # a wide interval, clipped to a rate's range
+
+
+def test_the_readme_table_is_the_committed_run_s_output():
+    """The README's three-seed robustness table is what ``over_seeds_markdown`` makes of the committed JSON."""
+    import json
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    folder = os.path.join(root, "experiments", "results", "robustness_vs_T_3seeds")
+    with open(os.path.join(folder, "robustness_vs_T.json")) as f:
+        run = json.load(f)
+    assert run["settings"]["seeds"] == [0, 1, 2]
+    table = robustness.over_seeds_markdown(run["worst_over_seeds"], run["rows"])
+    with open(os.path.join(root, "README.md")) as f:
+        assert table in f.read()
+    with open(os.path.join(folder, "robustness_vs_T_seeds.md")) as f:
+        assert f.read() == table + "\n"

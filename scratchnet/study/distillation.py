@@ -45,7 +45,8 @@ Outputs in ``--out`` (default ``results/distillation_vs_temperature[_quick]``):
 ``distillation_vs_temperature.csv`` (one row per T and measure, both recipes
 side by side), ``distillation_vs_temperature_spread.csv`` (how much each
 measure, and the mean logit margin, varies from seed to seed: one row per
-recipe, T and measure), ``.json`` (also every per-seed value) and ``.png``.
+recipe, T and measure), ``.json`` (also every per-seed value), ``.md`` (both as
+Markdown tables, the README's) and ``.png``.
 """
 import math
 import os
@@ -54,6 +55,7 @@ import numpy as np
 
 from ..cli import UsageError
 from . import attack_vs_T, common, grad_vs_T
+from ..files import atomic_write
 from ..stats import t_interval, wilson
 
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": grad_vs_T.QUICK["n"], "seeds": [0],
@@ -195,6 +197,8 @@ def main():
                       {"settings": settings, "attack_settings": att_settings, "rows": rows,
                        "spread": spread_rows,
                        "per_model": [{"recipe": k[0], "T": k[1], "seed": k[2], **v} for k, v in per_model.items()]})
+    with atomic_write(os.path.join(out, "distillation_vs_temperature.md"), "w", suffix=".md") as f:
+        f.write("\n\n".join(markdown(rows, spread_rows)) + "\n")
     plot(rows, per_model, os.path.join(out, "distillation_vs_temperature.png"), settings, att_settings["eps"][0])
 
     print("\ntemperature vs distilled, both deployed at T = 1 (mean [95 % interval]); "
@@ -212,7 +216,7 @@ def main():
                            ["recipe", "T", "measure", "unit", "mean", "sd", "range"])
     print()
     print(verdict(rows, per_model, settings))
-    print(f"\nwrote {out}/distillation_vs_temperature.csv, _spread.csv, .json, .png")
+    print(f"\nwrote {out}/distillation_vs_temperature.csv, _spread.csv, .json, .md, .png")
     return 0
 
 
@@ -263,6 +267,51 @@ def spread(per_model, settings):
                          "min": float(values.min()), "max": float(values.max()),
                          "range": float(values.max() - values.min())})
     return rows
+
+
+def markdown(rows, spread_rows):
+    """The comparison and the spread as two Markdown tables (the README's, written beside the CSVs).
+
+    Comparison: one row per measure and recipe, one column per T, "mean [lo, hi]", in bold where
+    the recipes' intervals do not overlap. Spread: the sample standard deviation over seeds,
+    "temperature / distilled" (T = 1: the standard model).
+    """
+    Ts = sorted({r["T"] for r in rows})
+
+    def number(v, unit):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.2f}" if unit == "%" and abs(v) < 1 else f"{v:.1f}"
+
+    units = {name: unit for name, unit, _ in MEASURES}
+    lines = ["| measure | recipe | " + " | ".join(f"T = {T:g}" for T in Ts) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in Ts) + " |"]
+    for name, unit, _ in MEASURES:
+        for recipe in ("temperature", "distilled"):
+            cells = []
+            for T in Ts:
+                r = next(r for r in rows if r["measure"] == name and r["T"] == T)
+                m, lo, hi = r[f"{recipe}_mean"], r[f"{recipe}_lo"], r[f"{recipe}_hi"]
+                cell = number(m, unit)
+                if not math.isnan(lo):
+                    cell += f" [{number(lo, unit)}, {number(hi, unit)}]"
+                cells.append(f"**{cell}**" if r["intervals_overlap"] is False else cell)
+            lines.append(f"| {name} | {recipe} | " + " | ".join(cells) + " |")
+    comparison = "\n".join(lines)
+
+    Ts = sorted({r["T"] for r in spread_rows})
+    lines = ["| measure (sample sd over seeds) | " + " | ".join(f"T = {T:g}" for T in Ts) + " |",
+             "| --- | " + " | ".join("---" for _ in Ts) + " |"]
+    for name, unit, _ in MEASURES:
+        cells = []
+        for T in Ts:
+            sds = []
+            for recipe in ("standard",) if T == 1.0 else ("temperature", "distilled"):
+                r = [r for r in spread_rows if r["measure"] == name and r["T"] == T and r["recipe"] == recipe]
+                sds.append(f"{r[0]['sd']:.2g}" if r and not math.isnan(r[0]["sd"]) else "–")
+            cells.append(" / ".join(sds))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return comparison, "\n".join(lines)
 
 
 def fmt_ci(m, lo, hi):

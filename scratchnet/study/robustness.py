@@ -66,7 +66,8 @@ Outputs in ``--out`` (default ``results/robustness_vs_T`` or ``results/robustnes
 ``robustness_vs_T.csv`` (one row per model, eps and attack), ``robustness_vs_T_indicators.csv``
 (one row per model, eps, attack and indicator), ``robustness_vs_T.json`` (both, with the settings),
 ``robustness_vs_T.png`` (robust accuracy against T) and ``robustness_vs_T_indicators.png``
-(the indicator heat map). Every finished measurement is kept in ``parts/`` and reused by a rerun.
+(the indicator heat map); with several seeds also ``robustness_vs_T_seeds.md``, the worst case
+seed by seed as a Markdown table (the README's). Every finished measurement is kept in ``parts/`` and reused by a rerun.
 """
 import hashlib
 import json
@@ -342,6 +343,19 @@ def over_seeds(rows, settings):
     return out
 
 
+def over_seeds_markdown(seeds_rows, rows):
+    """``over_seeds`` as a Markdown table (the README's), with the pooled rate and its Wilson interval."""
+    lines = ["| model | eps | seed " + " / ".join(str(s) for s in sorted({r["seed"] for r in rows}))
+             + " (%) | mean over seeds [95 % t] | pooled [95 % Wilson] |", "| --- | --- | --- | --- | --- |"]
+    for r in seeds_rows:
+        rate, lo, hi, k, n = pooled(rows, r["recipe"], r["T"], r["eps"], "worst")
+        lines.append(f"| {r['recipe']}, T = {r['T']:g} | {r['eps']:g} | "
+                     + " / ".join(f"{v:.1f}" for v in r["per_seed"])
+                     + f" | {r['mean']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | "
+                     f"{100 * rate:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n}) |")
+    return "\n".join(lines)
+
+
 # ===== figures =====
 
 STYLE = {"fgsm": ("tab:orange", "v-"), "pgd": ("tab:red", "^-"), "apgd-ce": ("tab:purple", "o-"),
@@ -599,6 +613,9 @@ def main():
     common.write_csv(os.path.join(out, "robustness_vs_T.csv"), rows, COLUMNS)
     common.write_csv(os.path.join(out, "robustness_vs_T_indicators.csv"), ind_rows, INDICATOR_COLUMNS)
     seeds_rows = over_seeds(rows, settings) if len(settings["seeds"]) > 1 else []
+    if seeds_rows:
+        with atomic_write(os.path.join(out, "robustness_vs_T_seeds.md"), "w", suffix=".md") as f:
+            f.write(over_seeds_markdown(seeds_rows, rows) + "\n")
     common.write_json(os.path.join(out, "robustness_vs_T.json"),
                       {"settings": settings, "attacks": LABELS, "rows": rows, "indicators": ind_rows,
                        "worst_over_seeds": seeds_rows})
