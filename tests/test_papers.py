@@ -223,7 +223,7 @@ def test_attack_vs_T_settings_paper_budget_and_attack_selection():
     from scratchnet.study import attack_vs_T, common
 
     parser = argparse.ArgumentParser()
-    common.add_common_options(parser, attack_vs_T.QUICK)
+    common.add_common_options(parser, attack_vs_T.QUICK, attack_vs_T.FULL)
     attack_vs_T.add_options(parser)
 
     def settings(*argv):

@@ -174,7 +174,7 @@ def test_a_zero_or_negative_option_is_an_error_not_the_default(monkeypatch, caps
 
 def test_only_an_absent_option_means_the_default():
     parser = common.make_parser("a study")
-    common.add_common_options(parser, grad_vs_T.QUICK)
+    common.add_common_options(parser, grad_vs_T.QUICK, grad_vs_T.FULL)
     given = common.settings_from(parser.parse_args(["--n", "7", "--epochs", "2", "--seeds", "0", "3"]),
                                  grad_vs_T.QUICK, grad_vs_T.FULL)
     assert given["n"] == 7 and given["epochs"] == 2 and given["seeds"] == [0, 3]

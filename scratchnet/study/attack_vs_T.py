@@ -457,7 +457,7 @@ def attack_settings(args, settings):
 
 def main():
     parser = common.make_parser(__doc__)
-    common.add_common_options(parser, QUICK)
+    common.add_common_options(parser, QUICK, FULL)
     add_options(parser)
     args = parser.parse_args()
     settings = attack_settings(args, common.settings_from(args, QUICK, FULL))

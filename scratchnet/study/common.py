@@ -34,6 +34,7 @@ from ..data import load_mnist
 from ..files import atomic_write, check_writable, read_json, save_figure, write_json  # noqa: F401  (write_json, save_figure: the studies' writers)
 
 FULL_T = [1, 2, 5, 10, 20, 50, 100]
+PAPERNOT_T = [1, 2, 5, 10, 20, 30, 40, 50, 100]    # Papernot et al.'s grid: the three-seed comparison's
 RECIPES = ["temperature", "distilled"]
 
 
@@ -43,17 +44,18 @@ def make_parser(doc):
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_common_options(parser, quick):
-    """Options every study shares. ``quick`` holds the ``--quick`` defaults."""
+def add_common_options(parser, quick, full):
+    """Options every study shares. ``quick`` and ``full`` hold the study's ``--quick`` and full defaults."""
     parser.add_argument("--quick", action="store_true",
                         help=f"a small configuration that finishes in minutes: T in {quick['T']}, "
                              f"{quick['train_size']} training images, {quick['epochs']} epochs, "
                              f"{quick['n']} test images")
     parser.add_argument("--T", type=temperature, nargs="+", metavar="T",
-                        help=f"training temperatures, from 1e-6 to 1e6 (default {FULL_T}; T = 1 is the "
+                        help=f"training temperatures, from 1e-6 to 1e6 (default {full['T']}; T = 1 is the "
                              f"standard model)")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, help=f"recipes to compare (default {RECIPES})")
-    parser.add_argument("--seeds", type=random_seed, nargs="+", help="training seeds, >= 0 (default 0)")
+    parser.add_argument("--seeds", type=random_seed, nargs="+",
+                        help=f"training seeds, >= 0 (default {' '.join(map(str, full.get('seeds', [0])))})")
     parser.add_argument("--epochs", type=positive_int, help="training epochs per model, >= 1 (default 5; quick: fewer)")
     parser.add_argument("--train-size", type=positive_int,
                         help="use only the first N training images (default all 55,000; quick: fewer)")

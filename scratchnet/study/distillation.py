@@ -39,7 +39,8 @@ model, same settings) are read from their result folders, not recomputed.
 Usage::
 
     python experiments/distillation_vs_temperature.py --quick    # one seed
-    python experiments/distillation_vs_temperature.py            # three seeds
+    python experiments/distillation_vs_temperature.py            # three seeds, Papernot et al.'s
+                                                                 # T grid: 51 models
 
 Outputs in ``--out`` (default ``results/distillation_vs_temperature[_quick]``):
 ``distillation_vs_temperature.csv`` (one row per T and measure, both recipes
@@ -60,7 +61,7 @@ from ..stats import t_interval, wilson
 
 QUICK = {"T": [1, 20, 100], "train_size": 5000, "epochs": 3, "n": grad_vs_T.QUICK["n"], "seeds": [0],
          "n_jsma": attack_vs_T.QUICK["n"]}
-FULL = {"T": common.FULL_T, "train_size": None, "epochs": 5, "n": grad_vs_T.FULL["n"], "seeds": [0, 1, 2],
+FULL = {"T": common.PAPERNOT_T, "train_size": None, "epochs": 5, "n": grad_vs_T.FULL["n"], "seeds": [0, 1, 2],
         "n_jsma": attack_vs_T.FULL["n"]}
 
 DEFAULT_EPS = 0.3                      # the largest FGSM step of attack_vs_T.py (stored results are reused)
@@ -140,7 +141,7 @@ def measure_one(model, meta, T, data, settings, att_settings, grad_store, attack
 
 def main():
     parser = common.make_parser(__doc__)
-    common.add_common_options(parser, QUICK)
+    common.add_common_options(parser, QUICK, FULL)
     parser.add_argument("--n-jsma", type=int, help="source images for JSMA, x 9 targets (default 100; quick 20)")
     parser.add_argument("--n-fgsm", type=int, help="test images for FGSM (default 1000; quick 200)")
     parser.add_argument("--eps", type=float, default=DEFAULT_EPS,
@@ -165,8 +166,10 @@ def main():
     common.check_output(out)                  # before any model is trained
     reuse = args.reuse if args.reuse is not None else [os.path.join("results", "grad_vs_T" + suffix),
                                                        os.path.join("results", "attack_vs_T" + suffix)]
+    # full: about 3.5 min of training and 1 min of measuring per model on both cores (run S made
+    # its 26 new models in 85 min as two one-thread processes side by side: 200 s each)
     common.announce(settings, "distillation_vs_temperature", seconds_per_model_quick=60,
-                    seconds_per_model_full=480)
+                    seconds_per_model_full=300)
     print(f"measures: accuracy; gradient suppression on {settings['n']} test images; JSMA on "
           f"{att_settings['n']} images x 9 targets; FGSM eps = {att_settings['eps'][0]:g} on "
           f"{att_settings['n_fgsm']} images", flush=True)

@@ -250,7 +250,7 @@ def verdict(rows, settings):
 
 def main():
     parser = common.make_parser(__doc__)
-    common.add_common_options(parser, QUICK)
+    common.add_common_options(parser, QUICK, FULL)
     args = parser.parse_args()
     settings = common.settings_from(args, QUICK, FULL)
     out = args.out or os.path.join("results", "grad_vs_T_quick" if settings["quick"] else "grad_vs_T")

@@ -581,7 +581,7 @@ def print_tables(rows, ind_rows, settings):
 
 def main():
     parser = common.make_parser(__doc__)
-    common.add_common_options(parser, QUICK)
+    common.add_common_options(parser, QUICK, FULL)
     add_options(parser)
     args = parser.parse_args()
     settings = study_settings(args, common.settings_from(args, QUICK, FULL))

@@ -146,7 +146,7 @@ def plot(views, x, y, path, settings):
 
 def main():
     parser = common.make_parser(__doc__)
-    common.add_common_options(parser, QUICK)
+    common.add_common_options(parser, QUICK, FULL)
     parser.add_argument("--index", type=int, help="the test image to show (default: the first one every "
                                                   "model classifies correctly, among the first --n)")
     args = parser.parse_args()
