@@ -249,7 +249,13 @@ def temperature_axis(ax, Ts):
     """A log-scale x axis of training temperatures, ticked at the Ts studied (1, 20, 100, not 10^1)."""
     ax.set_xscale("log")
     ax.set_xticks(list(Ts))
-    ax.set_xticklabels([f"{t:g}" for t in Ts])
+    # a tick less than a third of a decade from the last labelled one keeps no label (30, 40, 50)
+    labelled, last = [], None
+    for t in Ts:
+        show = last is None or math.log10(t / last) >= 0.3 or t == Ts[-1]
+        labelled.append(f"{t:g}" if show else "")
+        last = t if show else last
+    ax.set_xticklabels(labelled)
     ax.minorticks_off()
     ax.set_xlabel("training temperature T (log scale)")
 
