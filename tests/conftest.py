@@ -25,6 +25,16 @@ needs_mnist = pytest.mark.mnist
 """Mark a test (or ``pytestmark = needs_mnist`` a module) that reads the real MNIST files."""
 
 
+def committed_run(folder, json_name):
+    """(the committed JSON of a study run under experiments/results/FOLDER, the README's text)."""
+    import json
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "experiments", "results", folder, json_name)) as f:
+        run = json.load(f)
+    with open(os.path.join(root, "README.md")) as f:
+        return run, f.read()
+
+
 def mnist_dir():
     """The folder the loader reads MNIST from (whether or not the files are there)."""
     return MNIST.folder

@@ -1,9 +1,13 @@
 """The summaries of distillation_vs_temperature.py (the seed-to-seed spread, the verdict) on made-up values."""
 import math
+import os
 
 import numpy as np
+from conftest import committed_run
 
 from scratchnet.study import distillation
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def per_model_from(values):
@@ -82,16 +86,10 @@ def test_the_verdict_says_when_every_difference_is_in_a_masked_attack():
 
 def test_the_readme_tables_are_the_committed_run_s_outputs():
     """The README's run S tables are what ``markdown`` makes of the committed JSON, to the letter."""
-    import json
-    import os
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    folder = os.path.join(root, "experiments", "results", "distillation_vs_temperature")
-    with open(os.path.join(folder, "distillation_vs_temperature.json")) as f:
-        run = json.load(f)
+    run, readme = committed_run("distillation_vs_temperature", "distillation_vs_temperature.json")
     assert run["settings"]["seeds"] == [0, 1, 2]
     comparison, spread = distillation.markdown(run["rows"], run["spread"])
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
     assert comparison in readme and spread in readme
-    with open(os.path.join(folder, "distillation_vs_temperature.md")) as f:
+    with open(os.path.join(ROOT, "experiments", "results", "distillation_vs_temperature",
+                           "distillation_vs_temperature.md")) as f:
         assert f.read() == comparison + "\n\n" + spread + "\n"

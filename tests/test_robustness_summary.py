@@ -1,10 +1,14 @@
 """The per-seed summary of robustness_vs_T.py's worst case, on made-up rows."""
 import math
+import os
 
 import pytest
+from conftest import committed_run
 from scipy import stats
 
 from scratchnet.study import robustness
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def worst_row(recipe, T, seed, eps, rate):
@@ -28,15 +32,9 @@ def test_over_seeds_is_the_t_interval_of_the_per_seed_worst_case():
 
 def test_the_readme_table_is_the_committed_run_s_output():
     """The README's three-seed robustness table is what ``over_seeds_markdown`` makes of the committed JSON."""
-    import json
-    import os
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    folder = os.path.join(root, "experiments", "results", "robustness_vs_T_3seeds")
-    with open(os.path.join(folder, "robustness_vs_T.json")) as f:
-        run = json.load(f)
+    run, readme = committed_run("robustness_vs_T_3seeds", "robustness_vs_T.json")
     assert run["settings"]["seeds"] == [0, 1, 2]
     table = robustness.over_seeds_markdown(run["worst_over_seeds"], run["rows"])
-    with open(os.path.join(root, "README.md")) as f:
-        assert table in f.read()
-    with open(os.path.join(folder, "robustness_vs_T_seeds.md")) as f:
+    assert table in readme
+    with open(os.path.join(ROOT, "experiments", "results", "robustness_vs_T_3seeds", "robustness_vs_T_seeds.md")) as f:
         assert f.read() == table + "\n"
