@@ -10,7 +10,7 @@ import pytest
 from scratchnet import cache as C
 from scratchnet import cli, functional, recipes, training
 from scratchnet.study import attack_vs_T, common, grad_vs_T, saturation
-from scratchnet.study import distillation
+from scratchnet.study import distillation, robustness
 
 
 def nothing_may_run(monkeypatch):
@@ -151,7 +151,7 @@ def test_version(capsys):
 
 # ===== the experiment scripts =====
 
-STUDIES = [grad_vs_T, attack_vs_T, distillation, saturation]
+STUDIES = [grad_vs_T, attack_vs_T, distillation, saturation, robustness]
 
 
 def study_status(monkeypatch, capsys, study, *argv):
@@ -192,3 +192,16 @@ def test_a_results_folder_that_cannot_take_files_fails_before_any_work(monkeypat
     status, err = study_status(monkeypatch, capsys, study, "--out", str(out), "--T", "1", "20")
     assert status == cli.EXIT_RUNTIME, err
     assert err.strip() == f"error: the results folder (--out) {out} is not writable: Not a directory"
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda s: s.__name__.rsplit(".", 1)[1])
+def test_each_study_help_states_its_own_defaults(study):
+    """The help of --T, --seeds, --n and --epochs gives the study's own full and quick defaults
+    (the robustness study measures 500 images, not grad_vs_T's 1000)."""
+    parser = common.make_parser(study.__doc__)
+    common.add_common_options(parser, study.QUICK, study.FULL)
+    helps = {a.dest: " ".join(a.help.split()) for a in parser._actions if a.help}
+    assert f"default {study.FULL['T']}" in helps["T"]
+    assert f"default {' '.join(map(str, study.FULL.get('seeds', [0])))})" in helps["seeds"]
+    assert f"(default {study.FULL['n']}; quick {study.QUICK['n']})" in helps["n"]
+    assert f"(default {study.FULL['epochs']}; quick {study.QUICK['epochs']})" in helps["epochs"]

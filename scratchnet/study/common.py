@@ -56,10 +56,12 @@ def add_common_options(parser, quick, full):
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, help=f"recipes to compare (default {RECIPES})")
     parser.add_argument("--seeds", type=random_seed, nargs="+",
                         help=f"training seeds, >= 0 (default {' '.join(map(str, full.get('seeds', [0])))})")
-    parser.add_argument("--epochs", type=positive_int, help="training epochs per model, >= 1 (default 5; quick: fewer)")
+    parser.add_argument("--epochs", type=positive_int,
+                        help=f"training epochs per model, >= 1 (default {full['epochs']}; quick {quick['epochs']})")
     parser.add_argument("--train-size", type=positive_int,
-                        help="use only the first N training images (default all 55,000; quick: fewer)")
-    parser.add_argument("--n", type=positive_int, help="test images to measure, >= 1 (default 1000; quick: fewer)")
+                        help=f"use only the first N training images (default all 55,000; quick {quick['train_size']:,})")
+    parser.add_argument("--n", type=positive_int,
+                        help=f"test images to measure, >= 1 (default {full['n']}; quick {quick['n']})")
     parser.add_argument("--architecture", choices=["papernot", "small"], default="papernot",
                         help="network to train (default: papernot, the study's network)")
     parser.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $SCRATCHNET_DATA, "
