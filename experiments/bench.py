@@ -27,7 +27,10 @@ GPU, the memory each library's allocator holds at its peak (CuPy's memory pool,
 
 Threads: each library keeps its own default (all cores) unless ``--threads``
 sets both; a user's NUMBA_NUM_THREADS, OMP_NUM_THREADS etc. are inherited by
-the measuring processes as they are. The threads used are printed.
+the measuring processes as they are. The threads used are printed, and
+whether scratchnet's CPU kernels set malloc to keep freed memory for reuse
+(``kernels/cpu.py``; PyTorch's process keeps glibc's defaults, unless the
+user's MALLOC_* variables, inherited by both, set them).
 
 Usage::
 
@@ -332,8 +335,10 @@ def print_table(results, args, torch_note):
           f"after {args.warmup} warm-up runs, each library and pass in a process of its own")
     if args.device == "cpu":
         th = s["train"]["threads"]
-        print(f"scratchnet threads: Numba {th['numba_threads']} ({th['numba_threading_layer']} layer), "
-              f"BLAS {th['blas_threads']} ({th['blas']})")
+        spin = f", spin {th['omp_spin_count']}" if th.get("omp_spin_count") else ""
+        print(f"scratchnet threads: Numba {th['numba_threads']} ({th['numba_threading_layer']} layer{spin}), "
+              f"BLAS {th['blas_threads']} ({th['blas']}); freed memory kept for reuse: "
+              f"{'yes' if th.get('freed_memory_kept') else 'no'} (kernels/cpu.py)")
     rows = [("scratchnet", s)]
     if "torch" in results:
         t = results["torch"]

@@ -5,7 +5,9 @@ index whose output the thread alone writes, so no two threads ever touch the
 same element and no atomics are needed. The max-pool backward pass gives each
 thread whole image planes (n, c); inside its own plane a thread adds every dy
 onto its winning pixel, which no other thread can touch. Sums over the batch
-(a convolution's dW and db) are kept per thread and added at the end.
+(a convolution's dW and db) are kept per block of consecutive images, one
+block per thread, and the blocks' sums are added in block order at the end:
+which thread runs which block never changes a number.
 
 The whole-layer convolution kernels (``conv2d_forward``, ``conv2d_backward``)
 work on one image, or a few, at a time in each thread, with buffers that stay
@@ -21,17 +23,32 @@ this module therefore
 
 * sets every BLAS library (NumPy's, and SciPy's, which Numba's ``np.dot``
   calls) to one thread, so OpenBLAS never starts threads under Numba's; and
-* picks Numba's ``workqueue`` threading layer, whose idle threads sleep,
-  unless ``NUMBA_THREADING_LAYER`` names another.
+* picks Numba's ``omp`` threading layer (GNU OpenMP), with its idle threads
+  spinning for at most ``OMP_SPIN_COUNT`` rounds before they sleep, and
+  ``workqueue`` where OpenMP cannot be loaded; unless ``NUMBA_THREADING_LAYER``
+  (or, for the spin, ``GOMP_SPINCOUNT``) says otherwise.
 
-Both choices come from measurements on the project's 2-core machine
-(``experiments/bench.py``): OpenMP's and OpenBLAS's idle threads spin, and a
-spinning thread takes a core the working threads need. Training step, batch
-128, while other jobs shared the machine (load average about 10): OpenMP
-layer with 2 BLAS threads 642 ms wall / 309 ms CPU; workqueue with 1 BLAS
-thread 289 ms / 165 ms.
+Both choices come from measurements on the project's 2-core machine. A
+training step runs about forty parallel kernels of a few milliseconds each,
+and between two of them a thread either spins or sleeps. ``workqueue``'s
+threads sleep at once, and waking them costs so much that the step kept only
+1.3-1.5 of the 2 cores busy. OpenMP's spinning threads keep both (1.8-2.0),
+but a thread that spins long takes the core a working thread needs as soon as
+anything else runs. Training step, batch 128, images/s, workqueue / OpenMP
+with GNU's default spin (300,000 rounds) / with 30,000 rounds: nothing else
+running 1,222-1,514 / 1,693-1,854 / 1,745-1,827; one other busy process
+beside it 911-1,003 / 460-464 / 810-890. So the spin is bounded: nearly all
+of the gain on a quiet machine, little of the loss on a shared one. (With
+``NUMBA_NUM_THREADS=1`` there is no second thread to spin or sleep.) OpenBLAS's
+own threads spin as well, hence one BLAS thread (with 2 BLAS threads under
+the OpenMP layer the step took 642 ms wall where it now takes 90, at load 10).
+The threading layer changes no number: every sum is split into the same
+blocks under every layer (see above), so the same seed gives the same
+weights under ``omp``, ``workqueue`` and ``tbb`` (``tests/test_threads.py``
+compares the layers that load).
 ``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
+import ctypes
 import os
 import sys
 
@@ -44,10 +61,58 @@ from threadpoolctl import ThreadpoolController
 from . import reference
 from .reference import output_size
 
+# rounds an idle OpenMP thread spins before it sleeps (GNU's default: 300,000); see above
+OMP_SPIN_COUNT = 30000
+
 if "NUMBA_THREADING_LAYER" not in os.environ:    # the user's explicit choice wins
-    numba.config.THREADING_LAYER = "workqueue"   # takes effect at the first parallel kernel
+    # both take effect at the first parallel kernel, when Numba loads the layer and
+    # the layer loads OpenMP, which reads GOMP_SPINCOUNT then
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    numba.config.THREADING_LAYER = "default"     # the first of these that loads
+    os.environ.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
 _threadpools = ThreadpoolController()
 _threadpools.limit(limits=1, user_api="blas")
+
+
+# ===== memory: freed arrays kept for the next ones =====
+#
+# A training step allocates the same arrays every time (each layer's output
+# and gradient, up to 11 MB at batch 128 and 86 MB at batch 1000), and frees
+# them before the next step. glibc's malloc gives every large array pages of
+# its own from the operating system and hands them back when it is freed, so
+# the next step's array starts on fresh pages, which the kernel must fault in
+# and zero: measured, 630 page faults and 11 ms of system time in each
+# training step (about 8 % of its CPU time), none with the setting below.
+# Keeping freed memory in the heap for the next arrays instead gave (2-core
+# machine, nothing else running, images/s, before / after, two interleaved
+# runs each): training step 1,552-1,670 / 1,695-1,735; input gradient at
+# batch 1000 2,055-2,201 / 2,805-2,808. The price: a process holds on to its
+# largest working set until it exits, rather than giving it back between
+# steps (it reuses it; the peak is the same).
+
+MALLOC_TRIM_BYTES = 1 << 30          # free memory at the heap's top that malloc may keep
+
+
+def _keep_freed_memory():
+    """Ask glibc's malloc to take every array from its heap (no separate mapping per
+    array) and to keep up to MALLOC_TRIM_BYTES of freed memory for reuse.
+
+    Only on Linux with glibc, and only when the user has set none of glibc's own
+    malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``): those win. Returns whether
+    the setting was made.
+    """
+    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ \
+            or any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                      # not glibc (musl, for one): left as it is
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4    # mallopt's parameters, from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES))
+
+
+FREED_MEMORY_KEPT = _keep_freed_memory()
 
 
 # ===== max pooling =====
@@ -153,16 +218,23 @@ def _one_blas_thread():
 
 
 def describe_threads():
-    """The thread pools in use: {numba_threads, numba_threading_layer, blas_threads, blas}."""
+    """The thread pools in use: {numba_threads, numba_threading_layer, omp_spin_count, blas_threads, blas,
+    freed_memory_kept} (the last: whether ``_keep_freed_memory`` made its setting).
+
+    The layer is known once a parallel kernel has run; before, this names the
+    setting (``default``: the first of the priority list that loads).
+    """
     layer = numba.config.THREADING_LAYER
     try:
-        layer = numba.threading_layer()      # known once a parallel kernel has run
+        layer = numba.threading_layer()
     except ValueError:
         pass
     blas = [lib for lib in _threadpools.info() if lib["user_api"] == "blas"]
     return {"numba_threads": numba.get_num_threads(), "numba_threading_layer": layer,
+            "omp_spin_count": os.environ.get("GOMP_SPINCOUNT") if layer == "omp" else None,
             "blas_threads": max((lib["num_threads"] for lib in blas), default=None),
-            "blas": ", ".join(sorted({f"{lib['internal_api']} {lib.get('version')}" for lib in blas}))}
+            "blas": ", ".join(sorted({f"{lib['internal_api']} {lib.get('version')}" for lib in blas})),
+            "freed_memory_kept": FREED_MEMORY_KEPT}
 
 
 # ===== copies between flat arrays =====
@@ -790,29 +862,33 @@ def conv2d_forward(x, W, b, stride, pad):
 def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, need_dx, dx, dWT_parts, dWT_image, db_parts,
                      cols, dcols):
     N, F = dy.shape[0], dy.shape[1]
+    blocks = dWT_parts.shape[0]
     WmT = Wm.T                               # (C*KH*KW, F), a view
     dWT_parts[:] = 0.0
     db_parts[:] = 0.0
-    for n in prange(N):                      # this thread alone writes dx[n] and its own dWT_parts[t]
-        t = numba.get_thread_id()
-        dyn = dy[n].reshape(F, -1)           # (F, OH*OW)
-        if need_dx:
-            np.dot(WmT, dyn, dcols[t])       # dcols_n = W^T dy_n
-            _fold(dcols[t], KH, KW, stride, pad, dx[n])
-        if param_grads:
-            _unfold(x[n], KH, KW, stride, pad, cols[t])
-            # dW^T += cols_n dy_n^T: the same product as dW += dy_n cols_n^T, but in the
-            # operand order BLAS runs about 1.4x faster for these shapes
-            np.dot(cols[t], dyn.T, dWT_image[t])
-            dWT_parts[t] += dWT_image[t]
-            for f in range(F):
-                db_parts[t, f] += dyn[f].sum()
+    for blk in prange(blocks):               # block blk alone writes its images' dx and dWT_parts[blk]
+        for n in range(blk * N // blocks, (blk + 1) * N // blocks):   # in order: the same sums on every
+            dyn = dy[n].reshape(F, -1)       # run, whichever thread takes the block; dy_n (F, OH*OW)
+            if need_dx:
+                np.dot(WmT, dyn, dcols[blk]) # dcols_n = W^T dy_n
+                _fold(dcols[blk], KH, KW, stride, pad, dx[n])
+            if param_grads:
+                _unfold(x[n], KH, KW, stride, pad, cols[blk])
+                # dW^T += cols_n dy_n^T: the same product as dW += dy_n cols_n^T, but in the
+                # operand order BLAS runs about 1.4x faster for these shapes
+                np.dot(cols[blk], dyn.T, dWT_image[blk])
+                dWT_parts[blk] += dWT_image[blk]
+                for f in range(F):
+                    db_parts[blk, f] += dyn[f].sum()
 
 
 def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True):
-    """Fast convolution gradients, one image per thread; see ``kernels.reference.conv2d_backward``.
+    """Fast convolution gradients, one image at a time in each thread; see
+    ``kernels.reference.conv2d_backward``.
 
-    Winograd where ``conv2d_forward`` uses it, im2col otherwise.
+    Winograd where ``conv2d_forward`` uses it, im2col otherwise. As there, dW
+    and db are summed over blocks of consecutive images, one block per thread,
+    and the blocks' sums added in block order: the same numbers on every run.
     """
     if _winograd_applies(W, stride, pad):
         return winograd_conv2d_backward(dy, x, W, pad, param_grads, need_dx)
@@ -821,7 +897,7 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True):
     T = numba.get_num_threads()
     P = dy.shape[2] * dy.shape[3]
     dx = np.empty(x.shape if need_dx else (0,) + x.shape[1:], dtype=dtype)   # no dx: an empty stand-in
-    dWT_parts = np.empty((T, C * KH * KW, F), dtype=dtype)  # one partial sum of dW^T per thread
+    dWT_parts = np.empty((T, C * KH * KW, F), dtype=dtype)  # one partial sum of dW^T per block
     dWT_image = np.empty((T, C * KH * KW, F), dtype=dtype)  # one image's term, before it is added
     db_parts = np.empty((T, F), dtype=dtype)
     cols = np.empty((T, C * KH * KW, P), dtype=dtype)
