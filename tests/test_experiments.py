@@ -204,7 +204,7 @@ def test_robustness_vs_T(work):
     proc = run("robustness_vs_T.py", args, work["root"])
     check_ok(proc)
     for name in ("robustness_vs_T.csv", "robustness_vs_T_indicators.csv", "robustness_vs_T.json",
-                 "robustness_vs_T.png", "robustness_vs_T_indicators.png"):
+                 "robustness_vs_T_worst.md", "robustness_vs_T.png", "robustness_vs_T_indicators.png"):
         assert (out / name).stat().st_size > 0
     columns, rows = read_csv(out / "robustness_vs_T.csv")
     assert columns == robustness.COLUMNS

@@ -38,3 +38,22 @@ def test_the_readme_table_is_the_committed_run_s_output():
     assert table in readme
     with open(os.path.join(ROOT, "experiments", "results", "robustness_vs_T_3seeds", "robustness_vs_T_seeds.md")) as f:
         assert f.read() == table + "\n"
+
+
+def test_worst_markdown_pools_the_seeds_and_puts_the_masked_attack_beside_the_worst_case():
+    settings = {"recipes": ["distilled"], "T": [1.0, 100.0], "eps": [0.3], "seeds": [0, 1]}
+
+    def row(recipe, T, seed, eps, attack, k, n=10):
+        return {"recipe": recipe, "T": T, "seed": seed, "eps": eps, "attack": attack, "n_robust": k, "n": n}
+    rows = [row("standard", 1.0, s, 0.0, "clean", 10) for s in (0, 1)]
+    rows += [row("distilled", 100.0, s, 0.0, "clean", 9) for s in (0, 1)]
+    rows += [row("standard", 1.0, s, 0.3, a, 0) for s in (0, 1) for a in ("apgd-ce", "worst")]
+    rows += [row("distilled", 100.0, 0, 0.3, "apgd-ce", 10), row("distilled", 100.0, 1, 0.3, "apgd-ce", 8),
+             row("distilled", 100.0, 0, 0.3, "worst", 1), row("distilled", 100.0, 1, 0.3, "worst", 0),
+             row("distilled", 100.0, 0, 0.3, "square", 7)]                     # neither column
+    lo, hi = robustness.wilson(1, 20)
+    assert robustness.worst_markdown(rows, settings).splitlines() == [
+        "| model | clean | eps 0.3: APGD-CE at T=1 / **worst case** [95 %] |",
+        "| --- | --- | --- |",
+        "| standard, T = 1 | 100.0 | 0.0 / **0.0** [0.0, 16.1] |",
+        f"| distilled, T = 100 | 90.0 | 90.0 / **5.0** [{100 * lo:.1f}, {100 * hi:.1f}] |"]

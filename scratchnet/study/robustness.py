@@ -66,8 +66,9 @@ Outputs in ``--out`` (default ``results/robustness_vs_T`` or ``results/robustnes
 ``robustness_vs_T.csv`` (one row per model, eps and attack), ``robustness_vs_T_indicators.csv``
 (one row per model, eps, attack and indicator), ``robustness_vs_T.json`` (both, with the settings),
 ``robustness_vs_T.png`` (robust accuracy against T) and ``robustness_vs_T_indicators.png``
-(the indicator heat map); with several seeds also ``robustness_vs_T_seeds.md``, the worst case
-seed by seed as a Markdown table (the README's). Every finished measurement is kept in ``parts/`` and reused by a rerun.
+(the indicator heat map), ``robustness_vs_T_worst.md`` (every model's worst case beside the
+masked attack, pooled over the seeds, as a Markdown table: the README's); with several seeds
+also ``robustness_vs_T_seeds.md``, the worst case seed by seed as a Markdown table (the README's). Every finished measurement is kept in ``parts/`` and reused by a rerun.
 """
 import hashlib
 import json
@@ -356,6 +357,24 @@ def over_seeds_markdown(seeds_rows, rows):
     return "\n".join(lines)
 
 
+def worst_markdown(rows, settings):
+    """Every model's clean accuracy and, at each eps, the masked attack (APGD-CE at T = 1, as
+    deployed) beside the worst case per image with its Wilson interval, as a Markdown table
+    (the README's), pooled over the seeds."""
+    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    lines = ["| model | clean | " + " | ".join(f"eps {eps:g}: APGD-CE at T=1 / **worst case** [95 %]"
+                                               for eps in settings["eps"]) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in settings["eps"]) + " |"]
+    for recipe, T in models:
+        cells = [f"{recipe}, T = {T:g}", f"{100 * pooled(rows, recipe, T, 0.0, 'clean')[0]:.1f}"]
+        for eps in settings["eps"]:
+            masked = pooled(rows, recipe, T, eps, "apgd-ce")[0]
+            rate, lo, hi, _, _ = pooled(rows, recipe, T, eps, "worst")
+            cells.append(f"{100 * masked:.1f} / **{100 * rate:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ===== figures =====
 
 STYLE = {"fgsm": ("tab:orange", "v-"), "pgd": ("tab:red", "^-"), "apgd-ce": ("tab:purple", "o-"),
@@ -612,6 +631,8 @@ def main():
 
     common.write_csv(os.path.join(out, "robustness_vs_T.csv"), rows, COLUMNS)
     common.write_csv(os.path.join(out, "robustness_vs_T_indicators.csv"), ind_rows, INDICATOR_COLUMNS)
+    with atomic_write(os.path.join(out, "robustness_vs_T_worst.md"), "w", suffix=".md") as f:
+        f.write(worst_markdown(rows, settings) + "\n")
     seeds_rows = over_seeds(rows, settings) if len(settings["seeds"]) > 1 else []
     if seeds_rows:
         with atomic_write(os.path.join(out, "robustness_vs_T_seeds.md"), "w", suffix=".md") as f:
@@ -635,6 +656,7 @@ def main():
     for line in verdict(rows, settings, worst):
         print(line)
     print(f"\nwrote {out}/robustness_vs_T.csv, robustness_vs_T_indicators.csv, robustness_vs_T.json, "
-          f"robustness_vs_T.png, robustness_vs_T_indicators.png")
+          f"robustness_vs_T_worst.md, robustness_vs_T.png, robustness_vs_T_indicators.png"
+          + (", robustness_vs_T_seeds.md" if seeds_rows else ""))
     return 0
 
