@@ -5,22 +5,27 @@
 Prints images per second of FGSM, of one PGD step and of JSMA (per image, run
 to success or to its 14.5 % cap), the peak memory of JSMA at batch 100
 (tracemalloc: every NumPy allocation; and the process's peak resident size),
-and the time of the JSMA pair search alone.
+the time of the JSMA pair search alone, and the seconds per image of C&W L2
+with its default budget (5 rounds of 100 Adam steps, target = label + 1, on
+the first ``--n-cw`` images as one batch). On the CPU it first prints the
+thread and memory settings in force (``kernels/cpu.py``): to compare them
+with others, run it again with the others in the environment (e.g.
+``NUMBA_THREADING_LAYER=workqueue``).
 
 The network is briefly trained (``--train-steps`` Adam steps of 64 images at
 T = 1; 0 = untrained) so that JSMA's number of iterations is realistic; the
 timings do not depend on the weights otherwise. The accuracy is printed.
 """
-import argparse
 import resource
 import time
 import tracemalloc
 
 import numpy as np
 
-from scratchnet.attacks import fgsm, jsma, pgd
+from scratchnet.attacks import cw_l2, fgsm, jsma, pgd
 from scratchnet.attacks.jsma import DEFAULT_PAIR_CHUNK, saliency_pairs
 from scratchnet.backend import resolve_device, to_device
+from scratchnet.cli import Parser, nonnegative_int, positive_int, run_script
 from scratchnet.data import load_mnist
 from scratchnet.losses import softmax_cross_entropy
 from scratchnet.model import papernot_mnist
@@ -28,13 +33,17 @@ from scratchnet.optim import Adam
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-steps", type=int, default=40)
-    ap.add_argument("--n", type=int, default=100, help="images (and JSMA batch size)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--device", default="cpu")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-steps", type=nonnegative_int, default=40,
+                    help="Adam steps of 64 images before the attacks (default 40; 0: untrained)")
+    ap.add_argument("--n", type=positive_int, default=100, help="images (and JSMA batch size; default 100)")
+    ap.add_argument("--data-dir", default=None, help="folder with the MNIST .gz files (default: as the loader finds it)")
+    ap.add_argument("--n-cw", type=nonnegative_int, default=20,
+                    help="images for C&W L2, one batch (default 20; 0: skip)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or gpu")
     args = ap.parse_args()
     device = resolve_device(args.device)
+
     data = load_mnist(args.data_dir, progress=False)
     model = papernot_mnist(seed=0).to(device)
     opt, rng = Adam(model, lr=1e-3), np.random.default_rng(0)
@@ -49,6 +58,9 @@ def main():
     acc = float((model.predict(to_device(x, device)) == y).mean())
     print(f"Papernot MNIST network on {device}, {args.train_steps} Adam steps of 64 images "
           f"({time.perf_counter() - t0:.0f} s), test accuracy on the {args.n} images {acc:.1%}")
+    if device == "cpu":                      # known once a parallel kernel has run
+        from scratchnet.kernels import cpu
+        print(f"CPU settings: {cpu.describe_threads()}")
 
     fgsm(model, x[:10], y[:10], 0.1)                       # warm-up (JIT kernels)
     t0 = time.perf_counter()
@@ -87,6 +99,15 @@ def main():
     print(f"JSMA pair search alone: {1e3 * dt / args.n:.1f} ms per image per iteration "
           f"({P * P:,} pairs each)")
 
+    if args.n_cw > 0:
+        n = min(args.n_cw, args.n)
+        t0 = time.perf_counter()
+        _, r = cw_l2(model, x[:n], y[:n], (y[:n] + 1) % 10, batch_size=n)
+        dt = time.perf_counter() - t0
+        print(f"C&W L2 (logits, 5 rounds x 100 Adam steps, target = label + 1, batch {n}): "
+              f"{dt / n:.2f} s per image, success {r.summary()['success_rate']:.1%}")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

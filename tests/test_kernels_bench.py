@@ -48,3 +48,18 @@ def test_writes_throughput_memory_epoch_and_ratios(tmp_path):
     if "torch" in figures:
         assert {"train", "input_grad"} <= set(figures["ratio"])
         assert figures["torch"]["train"]["threads"]["num_threads"] == 1
+
+
+BENCH_ATTACKS = os.path.join(os.path.dirname(BENCH), "bench_attacks.py")
+
+
+def test_bench_attacks_prints_every_attack_and_the_cpu_settings(mnist_folder):
+    """experiments/bench_attacks.py on a tiny batch: a line for each attack (no speed asserted)."""
+    done = subprocess.run([sys.executable, BENCH_ATTACKS, "--train-steps", "1", "--n", "3", "--n-cw", "2",
+                           "--data-dir", str(mnist_folder)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for line in ("CPU settings: ", "FGSM: ", "PGD: ", "JSMA (probs at T = 1", "JSMA pair search alone",
+                 "C&W L2 (logits, 5 rounds x 100 Adam steps, target = label + 1, batch 2): "):
+        assert line in done.stdout, line
+    bad = subprocess.run([sys.executable, BENCH_ATTACKS, "--n", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--n" in bad.stderr
