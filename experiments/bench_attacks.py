@@ -85,7 +85,7 @@ def main():
     tracemalloc.stop()
     s = r.summary()
     print(f"JSMA (probs at T = 1, target = label + 1, pair_chunk {DEFAULT_PAIR_CHUNK}): "
-          f"{dt / args.n:.2f} s per image ({args.n / dt:.2f} images/s), mean iterations "
+          f"{dt / args.n:.3f} s per image ({args.n / dt:.2f} images/s), mean iterations "
           f"{r.iterations.mean():.1f}, success {s['success_rate']:.1%} of {s['n_correct']} correct images")
     print(f"JSMA peak memory at batch {args.n}: {peak / 2**20:.0f} MiB traced (NumPy arrays); "
           f"process peak resident size {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
@@ -96,7 +96,7 @@ def main():
     t0 = time.perf_counter()
     saliency_pairs(a, b, np.ones((args.n, P), bool))
     dt = time.perf_counter() - t0
-    print(f"JSMA pair search alone: {1e3 * dt / args.n:.1f} ms per image per iteration "
+    print(f"JSMA pair search alone: {1e3 * dt / args.n:.3f} ms per image per iteration "
           f"({P * P:,} pairs each)")
 
     if args.n_cw > 0:
