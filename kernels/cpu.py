@@ -40,11 +40,12 @@ running 1,222-1,514 / 1,693-1,854 / 1,745-1,827; one other busy process
 beside it 911-1,003 / 460-464 / 810-890. So the spin is bounded: nearly all
 of the gain on a quiet machine, little of the loss on a shared one. (With
 ``NUMBA_NUM_THREADS=1`` there is no second thread to spin or sleep.) OpenBLAS's
-own threads spin as well, hence one BLAS thread (with 2 BLAS threads under
-the OpenMP layer the step took 642 ms wall where it now takes 90, at load 10).
+own threads spin as well, hence one BLAS thread (at a load average of 10,
+the OpenMP layer with 2 BLAS threads took 642 ms wall a step, workqueue with
+1 BLAS thread 289 ms).
 The threading layer changes no number: every sum is split into the same
 blocks under every layer (see above), so the same seed gives the same
-weights under ``omp``, ``workqueue`` and ``tbb`` (``tests/test_threads.py``
+weights under ``omp``, ``workqueue`` and ``tbb`` (``tests/test_cpu_settings.py``
 compares the layers that load).
 ``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
@@ -88,7 +89,9 @@ _threadpools.limit(limits=1, user_api="blas")
 # runs each): training step 1,552-1,670 / 1,695-1,735; input gradient at
 # batch 1000 2,055-2,201 / 2,805-2,808. The price: a process holds on to its
 # largest working set until it exits, rather than giving it back between
-# steps (it reuses it; the peak is the same).
+# steps (it reuses it), and every array now comes from one heap, which
+# fragments a little: the input gradient's peak at batch 1000 rose from 606
+# to 698 MiB in experiments/bench.py (training: 155 MiB either way).
 
 MALLOC_TRIM_BYTES = 1 << 30          # free memory at the heap's top that malloc may keep
 
@@ -867,8 +870,9 @@ def _conv2d_backward(dy, x, Wm, KH, KW, stride, pad, param_grads, need_dx, dx, d
     dWT_parts[:] = 0.0
     db_parts[:] = 0.0
     for blk in prange(blocks):               # block blk alone writes its images' dx and dWT_parts[blk]
-        for n in range(blk * N // blocks, (blk + 1) * N // blocks):   # in order: the same sums on every
-            dyn = dy[n].reshape(F, -1)       # run, whichever thread takes the block; dy_n (F, OH*OW)
+        # its images in order: the same sums on every run, whichever thread takes the block
+        for n in range(blk * N // blocks, (blk + 1) * N // blocks):
+            dyn = dy[n].reshape(F, -1)       # dy_n (F, OH*OW)
             if need_dx:
                 np.dot(WmT, dyn, dcols[blk]) # dcols_n = W^T dy_n
                 _fold(dcols[blk], KH, KW, stride, pad, dx[n])
