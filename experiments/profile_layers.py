@@ -6,7 +6,10 @@ input-gradient pass (batch 1000, no parameter gradients), every layer's
 forward, the loss, every layer's backward and the update are timed one by
 one: the median over ``--repeats`` passes of the wall clock and of the
 process's CPU time. CPU time over wall time is the number of cores busy
-(spinning threads count as busy: see ``kernels/cpu.py``).
+(spinning threads count as busy: see ``kernels/cpu.py``). For a step under
+about a millisecond that figure is unreliable: the other threads' CPU time
+is not always counted by the time the step ends (a ReLU pass that runs 1.9x
+faster on two threads than on one reads 1.0 cores here).
 
 Usage::
 
