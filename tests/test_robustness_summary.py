@@ -57,3 +57,16 @@ def test_worst_markdown_pools_the_seeds_and_puts_the_masked_attack_beside_the_wo
         "| --- | --- | --- |",
         "| standard, T = 1 | 100.0 | 0.0 / **0.0** [0.0, 16.1] |",
         f"| distilled, T = 100 | 90.0 | 90.0 / **5.0** [{100 * lo:.1f}, {100 * hi:.1f}] |"]
+
+
+def test_the_readme_table_is_the_committed_full_run_output():
+    """The README's full-run table is what ``worst_markdown`` makes of the committed JSON of
+    ``python experiments/robustness_vs_T.py`` (the default full run)."""
+    run, readme = committed_run("robustness_vs_T", "robustness_vs_T.json")
+    settings = run["settings"]
+    assert settings["seeds"] == [0] and settings["n"] == robustness.FULL["n"] and not settings["quick"]
+    assert settings["T"] == robustness.FULL["T"] and settings["eps"] == robustness.FULL["eps"]
+    table = robustness.worst_markdown(run["rows"], settings)
+    assert table in readme
+    with open(os.path.join(ROOT, "experiments", "results", "robustness_vs_T", "robustness_vs_T_worst.md")) as f:
+        assert f.read() == table + "\n"
