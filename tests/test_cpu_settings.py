@@ -126,3 +126,24 @@ def test_freed_memory_is_reused_without_page_faults():
 @pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "2"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000"}])
 def test_the_users_malloc_settings_win(env):
     assert run(DESCRIBE, **env)["freed_memory_kept"] is False
+
+
+BIG = """
+import json, threading, numpy as np
+from scratchnet.kernels import cpu
+sums = []
+def make():                                         # a second thread allocates from an arena of its own
+    sums.append(float(np.ones(40_000_000, np.float32).sum()))
+thread = threading.Thread(target=make)
+thread.start()
+thread.join()
+sums.append(float(np.ones(40_000_000, np.float32).sum()))
+print(json.dumps({"kept": cpu.FREED_MEMORY_KEPT, "sums": sums}))
+"""
+
+
+def test_arrays_larger_than_an_arena_heap_still_allocate_in_every_thread():
+    """With no separate mapping per array, glibc still maps an array larger than a thread
+    arena's 64 MB heap on its own (its fallback): 160 MB in a second thread and in the main one."""
+    out = run(BIG)
+    assert out["sums"] == [4e7, 4e7], out
