@@ -316,6 +316,11 @@ def pooled(rows, recipe, T, eps, attack):
     return k / n, lo, hi, k, n
 
 
+def model_list(settings):
+    """[(recipe, T)] in table order: the standard model, then each recipe at each T != 1."""
+    return [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+
+
 def images_text(settings):
     """'200 test images', or '200 test images x 3 seeds' when the rates are pooled over seeds."""
     k = len(settings["seeds"])
@@ -329,7 +334,7 @@ def over_seeds(rows, settings):
     Pooled over seeds, each of the ``n`` images counts once per seed, and ``pooled``'s Wilson
     interval treats the copies as independent; this interval is over seeds only.
     """
-    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    models = model_list(settings)
     out = []
     for eps in settings["eps"]:
         for recipe, T in models:
@@ -361,7 +366,7 @@ def worst_markdown(rows, settings):
     """Every model's clean accuracy and, at each eps, the masked attack (APGD-CE at T = 1, as
     deployed) beside the worst case per image with its Wilson interval, as a Markdown table
     (the README's), pooled over the seeds."""
-    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    models = model_list(settings)
     lines = ["| model | clean | " + " | ".join(f"eps {eps:g}: APGD-CE at T=1 / **worst case** [95 %]"
                                                for eps in settings["eps"]) + " |",
              "| --- | --- | " + " | ".join("---" for _ in settings["eps"]) + " |"]
@@ -430,7 +435,7 @@ def plot_indicators(ind_rows, path, settings, eps):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    models = model_list(settings)
     names = list(indicators.INDICATORS)
     fig, axes = plt.subplots(1, len(INDICATOR_ATTACKS), figsize=(6.3 * len(INDICATOR_ATTACKS),
                                                                   1.6 + 0.42 * len(models)), squeeze=False)
@@ -565,7 +570,7 @@ def study_settings(args, settings):
 
 
 def print_tables(rows, ind_rows, settings):
-    models = [("standard", 1.0)] + [(r, T) for r in settings["recipes"] for T in settings["T"] if T != 1.0]
+    models = model_list(settings)
     for eps in settings["eps"]:
         print(f"\nrobust accuracy (%) at L-inf eps {eps:g}, {images_text(settings)}; "
               f"worst case with its 95 % Wilson interval")
