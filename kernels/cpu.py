@@ -293,8 +293,9 @@ def _add(dst, d0, step, src, s0, n):
 #   S[k, p]       = sum_i B^T[k, i] R[i, p]                      (_mix_rows:     B^T d)
 #   V[k, l][u]    = sum_j B^T[l, j] S[k, j % 2][u + j // 2]      (_mix_columns:  (B^T d) B)
 #   M[ab] (F, TE) = U[ab] (F, C) @ V[ab] (C, TE)                 16 BLAS products
+#   M[1, 1][f]   += b[f]                                         the bias (see below)
 #   Z[i, l]       = sum_k A^T[i, k] M[k, l]                      (_mix_rows:     A^T m)
-#   y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l A^T[j, l] Z[i, l][u]   (_put_tiles: (A^T m) A)
+#   y[m, f, 2 th + i, 2 q + j] = sum_l A^T[j, l] Z[i, l][u]      (_put_tiles:    (A^T m) A)
 #
 # The backward pass runs the same algebra transposed
 # (``reference.winograd_conv3x3_backward``). The 2x2 tiles dY of dy go
@@ -303,7 +304,18 @@ def _add(dst, d0, step, src, s0, n):
 # below). Then dV[ab] = U[ab]^T Mbar[ab], and the adjoints of _mix_columns,
 # _mix_rows and _tile_rows take dV back onto the pixels of dx; and
 # dU[ab] = sum of Mbar[ab] V[ab]^T over the images, with V of x computed again
-# as in the forward pass, gives dW = G^T dU G.
+# as in the forward pass, gives dW = G^T dU G. BLAS computes dU[ab]^T =
+# V[ab] Mbar[ab]^T: the same numbers, and with the contraction over the
+# tiles on this side of the product 1.3-1.5x faster (one thread, the network's
+# three 3x3 layers: 74 / 103 / 172 us a chunk against 57 / 77 / 127).
+#
+# The bias rides on one product. Column 1 of A^T is (1, 1), so product
+# m[1, 1] enters every output of its tile with weight 1: adding b[f] to the
+# plane M[1, 1] (one plane, before the output transform) adds it to all four
+# outputs, where adding it to y afterwards is a pass over four planes. The
+# same column makes Mbar[1, 1] = A[1] dY A[1]^T the sum of the four dy of its
+# tile, so db[f] is the sum of plane Mbar[1, 1] over filter f's tiles, a
+# quarter of dy's elements and already in cache.
 
 # the fewest input channels for which Winograd is used: the products shrink
 # with C, the transforms of the output (one per filter) do not. Forward plus
@@ -316,6 +328,10 @@ WINOGRAD_MIN_CHANNELS = 16
 # bytes of buffers a thread's chunk of images may fill (half a core's 2 MB L2
 # on the machine it was measured on; 1 to 8 images for the Papernot network)
 WINOGRAD_CHUNK_BYTES = 1 << 20
+
+# the product m[1, 1] (row 4 a + b of M and Mbar) that every output of a tile
+# sums with weight 1: it carries the bias forward and gives db back (see above)
+BIAS_PRODUCT = 5
 
 _BT = reference.WINOGRAD_BT                             # input tiles:   d -> B^T d B
 _AT = reference.WINOGRAD_AT                             # output tiles:  m -> A^T m A
@@ -569,9 +585,9 @@ def _untile_rows(dR, pad, dx):
 
 
 @njit(cache=True)
-def _put_tiles(AT, Z, Y, b, nb, TW, y):
-    """y[m, f, 2 th + i, 2 q + j] = b[f] + sum_l AT[j, l] Z[4 i + l, u] for m < len(y):
-    the second half of the output transform, written into NCHW.
+def _put_tiles(AT, Z, Y, nb, TW, y):
+    """y[m, f, 2 th + i, 2 q + j] = sum_l AT[j, l] Z[4 i + l, u] for m < len(y): the
+    second half of the output transform, written into NCHW (the bias is already in Z).
 
     Z : (8, R) with R >= F nb TH (TW + 1), u = ((f nb + m) TH + th) (TW + 1) + q;
     Y : (16, R), scratch (the 16 products' buffer, free by now);  y : (<= nb, F,
@@ -589,14 +605,7 @@ def _put_tiles(AT, Z, Y, b, nb, TW, y):
     yf = y.ravel()
     pairs = np.uint64(OW // 2)               # tiles with both columns inside the image
     if _PIXEL_PAIRS_AS_WORDS and yf.itemsize == 4 and OW % 2 == 0:
-        # float32, even width: the bias first, in place over each filter's tiles (long
-        # contiguous loops), then each output row's halves joined as 64-bit words
-        # (see _split_pairs)
-        block = nb * TH * (TW + 1)           # the tiles of one filter
-        for i in range(2):
-            for j in range(2):
-                for f in range(F):
-                    Y[i, j, f * block:(f + 1) * block] += b[f]
+        # float32, even width: each output row's halves joined as 64-bit words (see _split_pairs)
         y_u64, Y_u32 = yf.view(np.uint64), Y.ravel().view(np.uint32)
         for i in range(2):
             for m in range(y.shape[0]):
@@ -612,7 +621,6 @@ def _put_tiles(AT, Z, Y, b, nb, TW, y):
         even, odd = Y[i, 0], Y[i, 1]
         for m in range(y.shape[0]):
             for f in range(F):
-                bf = b[f]
                 for th in range(TH):
                     h = 2 * th + i
                     if h >= OH:
@@ -620,10 +628,64 @@ def _put_tiles(AT, Z, Y, b, nb, TW, y):
                     d0 = np.uint64(((m * F + f) * OH + h) * OW)
                     s0 = np.uint64(((f * nb + m) * TH + th) * (TW + 1))
                     for q in range(pairs):   # unsigned, as in _copy
-                        yf[d0 + 2 * q] = even[s0 + q] + bf
-                        yf[d0 + 2 * q + 1] = odd[s0 + q] + bf
+                        yf[d0 + 2 * q] = even[s0 + q]
+                        yf[d0 + 2 * q + 1] = odd[s0 + q]
                     if OW % 2:               # the last tile's first column only
-                        yf[d0 + 2 * pairs] = even[s0 + pairs] + bf
+                        yf[d0 + 2 * pairs] = even[s0 + pairs]
+
+
+# The filters' transform U = G g G^T, and its adjoint for dW, are tiny next to
+# the convolution (84 multiply-adds per filter and channel), but as NumPy
+# einsums (the reference's) they cost 0.2-1.6 ms a call, 5.5 ms of every
+# training step at batch 128; these loops take a few microseconds. Both work
+# in float64 and round once, as the reference does.
+
+@njit(parallel=True, cache=True)
+def _winograd_filters(W, G, U):
+    """U[4 a + b, f, c] = (G W[f, c] G^T)[a, b]; U may be a transposed view."""
+    F, C = W.shape[0], W.shape[1]
+    for f in prange(F):                      # this thread alone writes U[:, f]
+        Gg = np.empty((4, 3))
+        for c in range(C):
+            for a in range(4):               # Gg = G g
+                for l in range(3):
+                    Gg[a, l] = G[a, 0] * W[f, c, 0, l] + G[a, 1] * W[f, c, 1, l] + G[a, 2] * W[f, c, 2, l]
+            for a in range(4):               # U = (G g) G^T
+                for b in range(4):
+                    U[4 * a + b, f, c] = Gg[a, 0] * G[b, 0] + Gg[a, 1] * G[b, 1] + Gg[a, 2] * G[b, 2]
+
+
+@njit(parallel=True, cache=True)
+def _winograd_filters_adjoint(dU, G, dW):
+    """dW[f, c] = G^T dU[:, f, c] G, with dU[4 a + b, f, c] (may be a transposed view)."""
+    F, C = dW.shape[0], dW.shape[1]
+    for f in prange(F):                      # this thread alone writes dW[f]
+        GdU = np.empty((3, 4))
+        for c in range(C):
+            for k in range(3):               # G^T dU
+                for b in range(4):
+                    GdU[k, b] = (G[0, k] * dU[b, f, c] + G[1, k] * dU[4 + b, f, c]
+                                 + G[2, k] * dU[8 + b, f, c] + G[3, k] * dU[12 + b, f, c])
+            for k in range(3):               # (G^T dU) G
+                for l in range(3):
+                    dW[f, c, k, l] = (GdU[k, 0] * G[0, l] + GdU[k, 1] * G[1, l]
+                                      + GdU[k, 2] * G[2, l] + GdU[k, 3] * G[3, l])
+
+
+def winograd_filters(W, transposed=False):
+    """``reference.winograd_filters`` as (16, F, C) (or (16, C, F) if ``transposed``),
+    W's dtype: the products' left operands U[ab] (or U[ab]^T)."""
+    F, C = W.shape[0], W.shape[1]
+    U = np.empty((16, C, F) if transposed else (16, F, C))
+    _winograd_filters(W, reference.WINOGRAD_G, U.transpose(0, 2, 1) if transposed else U)
+    return U.astype(W.dtype)
+
+
+def winograd_filters_adjoint(dU, dtype):
+    """``reference.winograd_filters_adjoint`` for dU as (16, F, C): dW (F, C, 3, 3) in ``dtype``."""
+    dW = np.empty((dU.shape[1], dU.shape[2], 3, 3))
+    _winograd_filters_adjoint(dU, reference.WINOGRAD_G, dW)
+    return dW.astype(dtype)
 
 
 @njit(cache=True)
@@ -660,8 +722,10 @@ def _winograd_forward(x, U, b, pad, BT, AT, y, R, S, V, M, Z):
         _winograd_input(imgs, pad, BT, R[t], S[t], V[t])
         for ab in range(16):
             np.dot(U[ab], V[t, ab, :C * TE].reshape(C, TE), M[t, ab, :F * TE].reshape(F, TE))
+        for f in range(F):                   # the bias, on the one product every output sums
+            M[t, BIAS_PRODUCT, f * TE:(f + 1) * TE] += b[f]    # whole (see BIAS_PRODUCT)
         _mix_rows(AT, M[t], F * TE, Z[t])
-        _put_tiles(AT, Z[t], M[t], b, nb, TQ - 1, y[n:n + imgs.shape[0]])
+        _put_tiles(AT, Z[t], M[t], nb, TQ - 1, y[n:n + imgs.shape[0]])
 
 
 def winograd_conv2d_forward(x, W, b, pad):
@@ -676,7 +740,7 @@ def winograd_conv2d_forward(x, W, b, pad):
     nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
     TE = nb * TH * (TW + 1)
     T = numba.get_num_threads()
-    U = reference.winograd_filters(W.astype(dtype, copy=False)).reshape(16, F, C)
+    U = winograd_filters(W.astype(dtype, copy=False))
     y = np.empty((N, F, OH, OW), dtype=dtype)
     buffers = (np.empty((T, 4, 2, C, nb, TH, TW + 1), dtype=dtype),   # R: the rows of every tile row
                np.empty((T, 8, _row_length(C * TE)), dtype=dtype),   # S = B^T d
@@ -690,8 +754,8 @@ def winograd_conv2d_forward(x, W, b, pad):
 
 
 @njit(parallel=True, cache=True)
-def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dU_chunk,
-                       dU_parts, db_parts):
+def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dUT_chunk,
+                       dUT_parts, db_parts, ones):
     N, C = x.shape[0], x.shape[1]
     F = dy.shape[1]
     blocks, nb, TH, TQ = P.shape[0], P.shape[4], P.shape[5], P.shape[6]
@@ -700,9 +764,9 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
     dV[:] = 0.0                              # ... and the zero before each plane (_unmix_columns)
     R[:] = 0.0
     S[:] = 0.0
-    dU_parts[:] = 0.0
+    dUT_parts[:] = 0.0
     db_parts[:] = 0.0
-    for blk in prange(blocks):               # block blk alone writes its images' dx and dU_parts[blk]
+    for blk in prange(blocks):               # block blk alone writes its images' dx and dUT_parts[blk]
         chunks = (N + nb - 1) // nb
         for chunk in range(blk * chunks // blocks, (blk + 1) * chunks // blocks):   # in order:
             n = chunk * nb                   # the same sums on every run
@@ -718,15 +782,14 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
                 _unmix_columns(BT, dV[blk], C * TE, dS[blk])
                 _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
                 _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
-            if param_grads:                  # dU[ab] += Mbar[ab] V[ab]^T, with V = B^T d B of x
+            if param_grads:                  # dU[ab]^T += V[ab] Mbar[ab]^T, with V = B^T d B of x
                 _winograd_input(_next_chunk(x, n, nb, R[blk]), pad, BT, R[blk], S[blk], V[blk])
                 for ab in range(16):
-                    np.dot(Mbar[blk, ab, :F * TE].reshape(F, TE), V[blk, ab, :C * TE].reshape(C, TE).T,
-                           dU_chunk[blk])
-                    dU_parts[blk, ab] += dU_chunk[blk]
-                for m in range(dys.shape[0]):
-                    for f in range(F):
-                        db_parts[blk, f] += dys[m, f].sum()
+                    np.dot(V[blk, ab, :C * TE].reshape(C, TE), Mbar[blk, ab, :F * TE].reshape(F, TE).T,
+                           dUT_chunk[blk])
+                    dUT_parts[blk, ab] += dUT_chunk[blk]
+                # db: the sums of dy's tiles, Mbar[1, 1], over each filter's tiles
+                db_parts[blk] += np.dot(Mbar[blk, BIAS_PRODUCT, :F * TE].reshape(F, TE), ones)
 
 
 def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
@@ -742,10 +805,10 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
     dtype = np.result_type(dy, W)
     nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
     TE = nb * TH * (TW + 1)
-    UT = reference.winograd_filters(W.astype(dtype, copy=False)).reshape(16, F, C).transpose(0, 2, 1)
+    UT = winograd_filters(W.astype(dtype, copy=False), transposed=True)
     B = numba.get_num_threads()
     dx = np.empty((N, C, H, Wd) if need_dx else (0, C, H, Wd), dtype=dtype)   # no dx: an empty stand-in
-    dU_parts = np.empty((B, 16, F, C), dtype=dtype)
+    dUT_parts = np.empty((B, 16, C, F), dtype=dtype)
     db_parts = np.empty((B, F), dtype=dtype)
     x_bufs = 1 if param_grads else 0         # no buffers for V when only dx is wanted
     with _one_blas_thread():
@@ -761,11 +824,12 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
             np.empty((B, 4, 2, C, nb * x_bufs, TH, TW + 1), dtype=dtype),  # R: rows of x's tile rows
             np.empty((B, 8, _row_length(C * TE) * x_bufs), dtype=dtype),   # S = B^T d
             np.empty((B, 16, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
-            np.empty((B, F, C), dtype=dtype), dU_parts, db_parts)         # one chunk's Mbar V^T, and the sums
+            np.empty((B, C, F), dtype=dtype), dUT_parts, db_parts,       # one chunk's V Mbar^T, and the sums
+            np.ones(TE, dtype=dtype))
     dx = dx if need_dx else None
     if not param_grads:
         return dx, None, None
-    dW = reference.winograd_filters_adjoint(dU_parts.sum(axis=0).reshape(4, 4, F, C), dtype)
+    dW = winograd_filters_adjoint(dUT_parts.sum(axis=0).transpose(0, 2, 1), dtype)
     return dx, dW, db_parts.sum(axis=0)
 
 

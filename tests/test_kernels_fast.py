@@ -186,6 +186,31 @@ def test_winograd_chunk_size_fits_the_budget():
     assert cpu._chunk(0, 64, 64, 4, 4, 4) == 1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("F, C", [(32, 32), (64, 32), (3, 5), (1, 1)])
+def test_cpu_filter_transforms_match_the_reference(F, C, dtype):
+    """U = G g G^T and its adjoint G^T dU G: the CPU loops against the reference's einsums,
+    in both layouts the products use (U[ab] and U[ab]^T). float32 is the same rounding
+    of float64 sums, so it agrees to the bit."""
+    from scratchnet.kernels import cpu
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+    dU = rng.standard_normal((4, 4, F, C)).astype(dtype)
+    want_U = reference.winograd_filters(w).reshape(16, F, C)
+    want_dW = reference.winograd_filters_adjoint(dU, dtype)
+    U, UT = cpu.winograd_filters(w), cpu.winograd_filters(w, transposed=True)
+    dW = cpu.winograd_filters_adjoint(dU.reshape(16, F, C), dtype)
+    assert U.dtype == UT.dtype == dW.dtype == dtype
+    assert U.shape == (16, F, C) and UT.shape == (16, C, F) and dW.shape == (F, C, 3, 3)
+    np.testing.assert_array_equal(UT, U.transpose(0, 2, 1))
+    if dtype == np.float32:
+        np.testing.assert_array_equal(U, want_U)
+        np.testing.assert_array_equal(dW, want_dW)
+    else:
+        np.testing.assert_allclose(U, want_U, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(dW, want_dW, rtol=1e-14, atol=1e-14)
+
+
 def test_winograd_backward_is_the_adjoint_of_forward():
     """<conv(x), dy> == <x, dx> and == <W, dW> (no bias) through the Winograd kernels."""
     from scratchnet.kernels import cpu
