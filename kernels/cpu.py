@@ -304,10 +304,7 @@ def _add(dst, d0, step, src, s0, n):
 # below). Then dV[ab] = U[ab]^T Mbar[ab], and the adjoints of _mix_columns,
 # _mix_rows and _tile_rows take dV back onto the pixels of dx; and
 # dU[ab] = sum of Mbar[ab] V[ab]^T over the images, with V of x computed again
-# as in the forward pass, gives dW = G^T dU G. BLAS computes dU[ab]^T =
-# V[ab] Mbar[ab]^T: the same numbers, and with the contraction over the
-# tiles on this side of the product 1.3-1.5x faster (one thread, the network's
-# three 3x3 layers: 74 / 103 / 172 us a chunk against 57 / 77 / 127).
+# as in the forward pass, gives dW = G^T dU G.
 #
 # The bias rides on one product. Column 1 of A^T is (1, 1), so product
 # m[1, 1] enters every output of its tile with weight 1: adding b[f] to the
@@ -754,8 +751,8 @@ def winograd_conv2d_forward(x, W, b, pad):
 
 
 @njit(parallel=True, cache=True)
-def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dUT_chunk,
-                       dUT_parts, db_parts, ones):
+def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q, Mbar, dV, dS, dR, R, S, V, dU_chunk,
+                       dU_parts, db_parts, ones):
     N, C = x.shape[0], x.shape[1]
     F = dy.shape[1]
     blocks, nb, TH, TQ = P.shape[0], P.shape[4], P.shape[5], P.shape[6]
@@ -764,9 +761,9 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
     dV[:] = 0.0                              # ... and the zero before each plane (_unmix_columns)
     R[:] = 0.0
     S[:] = 0.0
-    dUT_parts[:] = 0.0
+    dU_parts[:] = 0.0
     db_parts[:] = 0.0
-    for blk in prange(blocks):               # block blk alone writes its images' dx and dUT_parts[blk]
+    for blk in prange(blocks):               # block blk alone writes its images' dx and dU_parts[blk]
         chunks = (N + nb - 1) // nb
         for chunk in range(blk * chunks // blocks, (blk + 1) * chunks // blocks):   # in order:
             n = chunk * nb                   # the same sums on every run
@@ -782,12 +779,12 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
                 _unmix_columns(BT, dV[blk], C * TE, dS[blk])
                 _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
                 _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
-            if param_grads:                  # dU[ab]^T += V[ab] Mbar[ab]^T, with V = B^T d B of x
+            if param_grads:                  # dU[ab] += Mbar[ab] V[ab]^T, with V = B^T d B of x
                 _winograd_input(_next_chunk(x, n, nb, R[blk]), pad, BT, R[blk], S[blk], V[blk])
                 for ab in range(16):
-                    np.dot(V[blk, ab, :C * TE].reshape(C, TE), Mbar[blk, ab, :F * TE].reshape(F, TE).T,
-                           dUT_chunk[blk])
-                    dUT_parts[blk, ab] += dUT_chunk[blk]
+                    np.dot(Mbar[blk, ab, :F * TE].reshape(F, TE), V[blk, ab, :C * TE].reshape(C, TE).T,
+                           dU_chunk[blk])
+                    dU_parts[blk, ab] += dU_chunk[blk]
                 # db: the sums of dy's tiles, Mbar[1, 1], over each filter's tiles
                 db_parts[blk] += np.dot(Mbar[blk, BIAS_PRODUCT, :F * TE].reshape(F, TE), ones)
 
@@ -808,7 +805,7 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
     UT = winograd_filters(W.astype(dtype, copy=False), transposed=True)
     B = numba.get_num_threads()
     dx = np.empty((N, C, H, Wd) if need_dx else (0, C, H, Wd), dtype=dtype)   # no dx: an empty stand-in
-    dUT_parts = np.empty((B, 16, C, F), dtype=dtype)
+    dU_parts = np.empty((B, 16, F, C), dtype=dtype)
     db_parts = np.empty((B, F), dtype=dtype)
     x_bufs = 1 if param_grads else 0         # no buffers for V when only dx is wanted
     with _one_blas_thread():
@@ -824,12 +821,12 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
             np.empty((B, 4, 2, C, nb * x_bufs, TH, TW + 1), dtype=dtype),  # R: rows of x's tile rows
             np.empty((B, 8, _row_length(C * TE) * x_bufs), dtype=dtype),   # S = B^T d
             np.empty((B, 16, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
-            np.empty((B, C, F), dtype=dtype), dUT_parts, db_parts,       # one chunk's V Mbar^T, and the sums
+            np.empty((B, F, C), dtype=dtype), dU_parts, db_parts,        # one chunk's Mbar V^T, and the sums
             np.ones(TE, dtype=dtype))
     dx = dx if need_dx else None
     if not param_grads:
         return dx, None, None
-    dW = winograd_filters_adjoint(dUT_parts.sum(axis=0).transpose(0, 2, 1), dtype)
+    dW = winograd_filters_adjoint(dU_parts.sum(axis=0), dtype)
     return dx, dW, db_parts.sum(axis=0)
 
 
