@@ -384,7 +384,7 @@ def print_table(results, args, torch_note):
     epoch_s = EPOCH_IMAGES / s["train"]["images_per_s"]
     results["scratchnet_epoch_s"] = epoch_s
     print(f"\nscratchnet: one {EPOCH_IMAGES:,}-image training epoch (batch {args.train_batch}) takes about "
-          f"{epoch_s:.0f} s at this speed")
+          f"{epoch_s:.1f} s at this speed")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,20 @@ def test_maxpool_ties_pick_the_first_position(impl):
         assert float(to_numpy(y)[0, 0, 0, 0]) == 5.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (1, 2, 2, 2)])
+def test_maxpool_2x2_path_matches_reference_with_many_ties(impl, shape, dtype):
+    """2x2 windows at stride 2 take the CPU's own path (``_maxpool_2x2``); on pixels drawn
+    from three values nearly every window has a tie, and every tie must go to the same
+    (first) position as in the reference, or the backward pass routes dy elsewhere."""
+    name, xp = impl
+    x = np.random.default_rng(9).integers(0, 3, shape).astype(dtype)
+    want_y, want_arg = reference.maxpool_forward(x, 2, 2, 2)
+    got_y, got_arg = kernels.get("maxpool_forward", impl=name)(xp.asarray(x), 2, 2, 2)
+    np.testing.assert_array_equal(to_numpy(got_y), want_y)
+    np.testing.assert_array_equal(to_numpy(got_arg), want_arg)
+
+
 def test_registry_errors():
     with pytest.raises(ValueError, match="unknown kernel"):
         kernels.get("conv3d")
