@@ -298,9 +298,7 @@ def _add(dst, d0, step, src, s0, n):
 @njit(cache=True, inline="always")
 def _add_array(dst, src):
     """dst += src, elementwise, for two C-contiguous arrays of one shape."""
-    d, s = dst.ravel(), src.ravel()
-    for i in range(d.size):
-        d[i] += s[i]
+    _add(dst.ravel(), 0, 1, src.ravel(), 0, dst.size)
 
 
 @njit(cache=True, inline="always")
