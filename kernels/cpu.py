@@ -701,7 +701,7 @@ def _winograd_filters(W, G, U):
 
 @njit(parallel=True, cache=True)
 def _winograd_filters_adjoint(dU, G, dW):
-    """dW[f, c] = G^T dU[:, f, c] G, with dU[4 a + b, f, c] (may be a transposed view)."""
+    """dW[f, c] = G^T dU[:, f, c] G, with dU[4 a + b, f, c]."""
     F, C = dW.shape[0], dW.shape[1]
     for f in prange(F):                      # this thread alone writes dW[f]
         GdU = np.empty((3, 4))
