@@ -100,15 +100,29 @@ def test_maxpool_ties_pick_the_first_position(impl):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (1, 2, 2, 2)])
 def test_maxpool_2x2_path_matches_reference_with_many_ties(impl, shape, dtype):
-    """2x2 windows at stride 2 take the CPU's own path (``_maxpool_2x2``); on pixels drawn
-    from three values nearly every window has a tie, and every tie must go to the same
-    (first) position as in the reference, or the backward pass routes dy elsewhere."""
+    """2x2 windows at stride 2 take the CPU's own paths (``_maxpool_2x2`` and
+    ``_maxpool_2x2_backward``); on pixels drawn from three values nearly every window
+    has a tie, and every tie must go to the same (first) position as in the reference,
+    or the backward pass routes dy elsewhere. The backward path writes every pixel of
+    dx, the odd last row and column (in no window) included: it is checked on a dx
+    that starts full of NaN."""
     name, xp = impl
-    x = np.random.default_rng(9).integers(0, 3, shape).astype(dtype)
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 3, shape).astype(dtype)
     want_y, want_arg = reference.maxpool_forward(x, 2, 2, 2)
     got_y, got_arg = kernels.get("maxpool_forward", impl=name)(xp.asarray(x), 2, 2, 2)
     np.testing.assert_array_equal(to_numpy(got_y), want_y)
     np.testing.assert_array_equal(to_numpy(got_arg), want_arg)
+
+    dy = rng.standard_normal(want_y.shape).astype(dtype)
+    want_dx = reference.maxpool_backward(dy, want_arg, shape, 2, 2, 2)
+    got_dx = kernels.get("maxpool_backward", impl=name)(xp.asarray(dy), xp.asarray(want_arg), shape, 2, 2, 2)
+    np.testing.assert_array_equal(to_numpy(got_dx), want_dx)
+    if name == "cpu":
+        from scratchnet.kernels import cpu
+        dx = np.full(shape, np.nan, dtype=dtype)
+        cpu._maxpool_backward(dy, want_arg, 2, 2, 2, dx)
+        np.testing.assert_array_equal(dx, want_dx)
 
 
 def test_registry_errors():

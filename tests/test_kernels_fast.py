@@ -1,8 +1,9 @@
 """The whole-layer kernels (convolution, ReLU) against their references.
 
-``kernels/cpu.py`` runs a convolution either by Winograd F(2x2, 3x3) (3x3
-filters, stride 1, at least ``WINOGRAD_MIN_CHANNELS`` input channels) or by
-im2col one image per thread; these tests hold both to ``kernels/reference.py``
+``kernels/cpu.py`` runs a convolution by Winograd F(2x2, 3x3) (3x3 filters,
+stride 1, at least ``WINOGRAD_MIN_CHANNELS`` input channels), by direct loops
+(the forward pass of 3x3 filters at stride 1 on at most ``DIRECT_MAX_CHANNELS``
+channels) or by im2col one image per thread; these tests hold all three to ``kernels/reference.py``
 (im2col and one big matrix product) on odd shapes, strides, paddings and batch
 sizes that do not split evenly over the threads or into the Winograd kernels'
 chunks of images, in float32 and float64. The Winograd algorithm itself has a
@@ -23,7 +24,9 @@ from scratchnet.model import papernot_mnist
 
 # (N, C, H, W, F, KH, KW, stride, pad)
 CONV_CASES = [
-    (1, 1, 5, 5, 2, 3, 3, 1, 0),
+    (1, 1, 5, 5, 2, 3, 3, 1, 0),     # 3x3, stride 1, C <= DIRECT_MAX_CHANNELS (2): direct forward on the CPU
+    (5, 2, 7, 9, 3, 3, 3, 1, 1),     # ... two channels, padding 1, odd sizes
+    (3, 1, 4, 4, 2, 3, 3, 1, 3),     # ... padding 3: whole rows and columns of zeros
     (3, 3, 7, 6, 4, 3, 2, 1, 1),     # non-square kernel and image
     (5, 2, 9, 11, 3, 3, 3, 2, 1),    # stride 2 with padding
     (2, 5, 8, 7, 2, 2, 3, 3, 2),     # stride larger than the kernel's height
@@ -116,7 +119,10 @@ def test_cpu_sends_the_papernot_layers_to_the_intended_algorithm():
     from scratchnet.kernels import cpu
     model = papernot_mnist(seed=0)
     uses = [cpu._winograd_applies(model[f"conv{i}.W"], 1, 0) for i in (1, 2, 3, 4)]
-    assert uses == [False, True, True, True]          # one input channel: im2col; the rest: Winograd
+    assert uses == [False, True, True, True]          # one input channel: not Winograd; the rest: Winograd
+    assert cpu._direct_applies(model["conv1.W"], 1)   # ... but direct loops forward (im2col backward)
+    assert not cpu._direct_applies(np.zeros((4, 2, 3, 3)), 2)          # stride 2
+    assert not cpu._direct_applies(np.zeros((4, 3, 3, 3)), 1)          # three channels: im2col
     assert not cpu._winograd_applies(np.zeros((4, 32, 3, 3)), 2, 1)    # stride 2
     assert not cpu._winograd_applies(np.zeros((4, 32, 5, 5)), 1, 2)    # 5x5
     assert not cpu._winograd_applies(np.zeros((4, 8, 3, 3)), 1, 1)     # too few channels to pay off
@@ -157,6 +163,20 @@ def test_cpu_winograd_kernels_match_the_reference_algorithm(shape, dtype):
     for name, g, r in zip(("dx", "dW", "db"), got, want):
         assert g.shape == r.shape and g.dtype == dtype, name
         np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * max(N, 1) * H * W, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28, 4, 0), (3, 5, 7, 9, 3, 1), (4, 3, 5, 6, 2, 2), (2, 1, 3, 3, 2, 0),
+                                   (0, 2, 5, 5, 2, 1)])
+def test_cpu_direct_forward_matches_the_reference(shape, dtype):
+    """Called directly, the direct loops take any channel count and padding, and an empty batch."""
+    from scratchnet.kernels import cpu
+    N, C, H, W, F, pad = shape
+    x, w, b = _winograd_case(N, C, H, W, F, dtype)
+    rtol, atol = (1e-5, 1e-5) if dtype == np.float32 else (1e-13, 1e-13)
+    y = cpu.direct_conv2d_forward(x, w, b, pad)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=rtol, atol=atol)
 
 
 def test_winograd_chunks_of_images_give_the_same_result(monkeypatch):
