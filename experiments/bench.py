@@ -8,7 +8,12 @@ Measures two passes of the Papernot MNIST network in float32:
   backward to the input image, batch 1000; what every gradient attack does.
 
 Each figure is the median over ``--repeats`` timed runs, after ``--warmup``
-untimed ones (Numba compilation, first-touch of buffers). Beside the wall
+untimed ones (Numba compilation, first-touch of buffers), in each of
+``--rounds`` rounds, pooled. A round measures the training step of both
+libraries back to back, then the input gradient of both: on a machine whose
+speed drifts (the project's 2-core machine: by up to 20 % within minutes),
+the two sides of a ratio are timed a few seconds apart rather than a
+minute, and the rounds show how much the ratio itself moves. Beside the wall
 clock, the process's CPU time per pass is reported: on a machine shared with
 other jobs the wall clock says how long a pass took, the CPU time how much
 work it cost (including threads spinning while they wait). Where PyTorch is
@@ -73,13 +78,16 @@ def parse_args(argv=None):
     p.add_argument("--grad-batch", type=int, default=1000, help="images per input-gradient pass (default 1000)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, each timing every pass of both libraries back to back; the figures pool "
+                        "the timed runs of all rounds (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for Numba and for PyTorch (default: each library's own default, all cores)")
     p.add_argument("--no-torch", action="store_true", help="measure scratchnet only")
     p.add_argument("--out", metavar="PATH", help="also write the figures to this JSON file")
     p.add_argument("--worker", metavar="LIBRARY:PASS", help=argparse.SUPPRESS)   # one measurement, JSON to stdout
     args = p.parse_args(argv)
-    for name in ("train_batch", "grad_batch", "repeats", "threads"):
+    for name in ("train_batch", "grad_batch", "repeats", "rounds", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -249,8 +257,20 @@ def worker(args):
     batch = args.train_batch if which == "train" else args.grad_batch
     t = statistics.median(wall)
     print(json.dumps({"seconds": t, "images_per_s": batch / t, "cpu_seconds": statistics.median(cpu),
-                      "times_s": wall, "peak_mib": peak(base), "peak_is_of_the_passes": bool(reset),
-                      "threads": threads()}))
+                      "times_s": wall, "cpu_times_s": cpu, "peak_mib": peak(base),
+                      "peak_is_of_the_passes": bool(reset), "threads": threads()}))
+
+
+def pooled(rounds, batch):
+    """One (library, pass)'s figures over all rounds: medians of the pooled timed runs, the
+    highest peak memory."""
+    wall = [t for r in rounds for t in r["times_s"]]
+    cpu = [t for r in rounds for t in r["cpu_times_s"]]
+    t = statistics.median(wall)
+    return {"seconds": t, "images_per_s": batch / t, "cpu_seconds": statistics.median(cpu), "times_s": wall,
+            "cpu_times_s": cpu, "peak_mib": max(r["peak_mib"] for r in rounds),
+            "peak_is_of_the_passes": all(r["peak_is_of_the_passes"] for r in rounds),
+            "threads": rounds[0]["threads"], "images_per_s_by_round": [r["images_per_s"] for r in rounds]}
 
 
 def measure(library, which, args):
@@ -301,7 +321,7 @@ def main(argv=None):
                            "python": platform.python_version(), "numpy": np.__version__,
                            "scratchnet": scratchnet.__version__},
                "device": args.device, "train_batch": args.train_batch, "grad_batch": args.grad_batch,
-               "repeats": args.repeats, "warmup": args.warmup}
+               "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds}
     libraries = ["scratchnet"]
     torch_note = None
     if not args.no_torch:
@@ -310,16 +330,21 @@ def main(argv=None):
             libraries.append("torch")
         except ImportError as e:
             torch_note = f"PyTorch not importable ({e}); measured scratchnet only"
-    for library in libraries:
-        figures = {}
+    rounds = {library: {which: [] for which in PASSES} for library in libraries}
+    for r in range(args.rounds):
         for which in PASSES:
-            print(f"measuring {library}: {which.replace('_', ' ')} ...", file=sys.stderr, flush=True)
-            try:
-                figures[which] = measure(library, which, args)
-            except RuntimeError as e:
-                print(f"bench.py: error: {e}", file=sys.stderr)
-                return 1
-        results[library] = figures
+            for library in libraries:         # the two sides of a ratio, back to back
+                print(f"round {r + 1}/{args.rounds}, measuring {library}: {which.replace('_', ' ')} ...",
+                      file=sys.stderr, flush=True)
+                try:
+                    rounds[library][which].append(measure(library, which, args))
+                except RuntimeError as e:
+                    print(f"bench.py: error: {e}", file=sys.stderr)
+                    return 1
+    for library in libraries:
+        results[library] = {which: pooled(rounds[library][which],
+                                          args.train_batch if which == "train" else args.grad_batch)
+                            for which in PASSES}
     print_table(results, args, torch_note)
     if args.out:
         with open(args.out, "w") as f:
@@ -332,7 +357,8 @@ def print_table(results, args, torch_note):
     s = results["scratchnet"]
     where = f"{os.cpu_count()} CPUs" if args.device == "cpu" else s["train"]["threads"].get("device", "GPU")
     print(f"Papernot MNIST network, float32, {args.device} ({where}); median of {args.repeats} runs "
-          f"after {args.warmup} warm-up runs, each library and pass in a process of its own")
+          f"after {args.warmup} warm-up runs in each of {args.rounds} rounds, each library and pass in a "
+          f"process of its own")
     if args.device == "cpu":
         th = s["train"]["threads"]
         spin = f", spin {th['omp_spin_count']}" if th.get("omp_spin_count") else ""
@@ -364,10 +390,17 @@ def print_table(results, args, torch_note):
                  "train_memory": s["train"]["peak_mib"] / t["train"]["peak_mib"],
                  "input_grad_memory": s["input_grad"]["peak_mib"] / t["input_grad"]["peak_mib"]}
         results["ratio"] = ratio
+        by_round = {which: [a / b for a, b in zip(s[which]["images_per_s_by_round"],
+                                                  t[which]["images_per_s_by_round"])] for which in PASSES}
+        results["ratio_by_round"] = by_round
         print(f"{'ratio':12s} {ratio['train']:8.2f}x {'':9s} {ratio['train_cpu']:8.2f}x {ratio['train_memory']:9.2f}x   "
               f"{ratio['input_grad']:8.2f}x {'':9s} {ratio['input_grad_cpu']:8.2f}x {ratio['input_grad_memory']:9.2f}x")
         print("(ratios: scratchnet's throughput / PyTorch's and PyTorch's CPU time / scratchnet's, above 1 = "
               "scratchnet ahead;\n memory: scratchnet's / PyTorch's, below 1 = scratchnet smaller)")
+        if args.rounds > 1:
+            print("throughput ratio in each round: training step "
+                  + " ".join(f"{x:.2f}x" for x in by_round["train"]) + "; input gradient "
+                  + " ".join(f"{x:.2f}x" for x in by_round["input_grad"]))
     if args.device == "cpu":
         exact = all(r[p]["peak_is_of_the_passes"] for _, r in rows for p in PASSES)
         print("peak MiB: highest resident size during the timed passes, less the size once the libraries "

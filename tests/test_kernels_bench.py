@@ -29,24 +29,30 @@ def test_gpu_without_a_gpu_is_one_clear_line():
 def test_bad_option_is_an_argparse_error():
     done = _run("--repeats", "0")
     assert done.returncode == 2 and "--repeats must be at least 1" in done.stderr
+    done = _run("--rounds", "0")
+    assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
 
 
 @pytest.mark.slow
 def test_writes_throughput_memory_epoch_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    done = _run("--repeats", "1", "--warmup", "1", "--train-batch", "8", "--grad-batch", "8", "--threads", "1",
-                "--out", str(out))
+    done = _run("--repeats", "2", "--warmup", "1", "--rounds", "2", "--train-batch", "8", "--grad-batch", "8",
+                "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
     figures = json.loads(out.read_text())
     for library in ["scratchnet"] + (["torch"] if "torch" in figures else []):
         for which in ("train", "input_grad"):
             r = figures[library][which]
             assert r["images_per_s"] > 0 and r["cpu_seconds"] > 0 and r["peak_mib"] > 0, (library, which)
+            assert len(r["times_s"]) == 4 and len(r["images_per_s_by_round"]) == 2     # 2 runs x 2 rounds, pooled
+            assert r["seconds"] == pytest.approx(sorted(r["times_s"])[1:3][0] / 2 + sorted(r["times_s"])[1:3][1] / 2)
     assert figures["scratchnet"]["train"]["threads"]["numba_threads"] == 1
     assert figures["scratchnet_epoch_s"] == pytest.approx(55000 / figures["scratchnet"]["train"]["images_per_s"])
     assert "55,000-image training epoch" in done.stdout
     if "torch" in figures:
         assert {"train", "input_grad"} <= set(figures["ratio"])
+        assert [len(figures["ratio_by_round"][which]) for which in ("train", "input_grad")] == [2, 2]
+        assert "throughput ratio in each round: training step " in done.stdout
         assert figures["torch"]["train"]["threads"]["num_threads"] == 1
 
 
