@@ -16,9 +16,8 @@ branches on the device itself. The GPU table is filled on first use, so
 importing scratchnet never requires CuPy.
 
 The whole-layer convolution (``conv2d_forward``, ``conv2d_backward``) is a
-kernel too, so that the CPU can pick its algorithm (Winograd F(2x2, 3x3) or
-F(4x4, 3x3) for 3x3 filters at stride 1 on several channels, direct loops
-forward on one or two, im2col one image per thread otherwise) and never
+kernel too, so that the CPU can pick its algorithm (Winograd F(2x2, 3x3) for
+3x3 filters at stride 1, im2col one image per thread otherwise) and never
 build the batch's whole im2col matrix; so is ReLU, which the CPU does in one
 parallel pass. An implementation that lacks these (the GPU) gets the generic
 versions below: its own im2col / col2im with its array module's matrix

@@ -14,9 +14,9 @@ work on one image, or a few, at a time in each thread, with buffers that stay
 in its core's cache, and never build the batch's whole im2col matrix (85 MB
 for the Papernot network's second convolution at batch 128), whose trips to
 main memory cost more than the arithmetic. 3x3 filters at stride 1 go to
-Winograd F(2x2, 3x3) or F(4x4, 3x3) (see its section), which need 2.25x or
-4x fewer multiplications, and, on one or two input channels, forward to
-direct loops; other shapes to im2col, one image per thread. There is no
+Winograd F(2x2, 3x3) (see its section), which needs 2.25x fewer
+multiplications, and, on one or two input channels, forward to direct loops;
+other shapes to im2col, one image per thread. There is no
 batch im2col / col2im here: the registry hands out the reference's.
 
 Threads: Numba's thread pool is the only one that runs in parallel. Importing
@@ -51,7 +51,6 @@ compares the layers that load).
 ``threadpoolctl.threadpool_limits`` changes the BLAS setting back if needed.
 """
 import ctypes
-import math
 import os
 import sys
 
@@ -314,14 +313,6 @@ def _add(dst, d0, step, src, s0, n):
         dst[d0 + i * step] += src[s0 + i]
 
 
-@njit(cache=True, inline="always")
-def _scatter(dst, d0, step, src, s0, n):
-    """dst[d0 + i * step] = src[s0 + i] for i < n (flat arrays; unsigned as in _copy)."""
-    d0, s0, step = np.uint64(d0), np.uint64(s0), np.uint64(step)
-    for i in range(np.uint64(n)):
-        dst[d0 + i * step] = src[s0 + i]
-
-
 # Numba's array ``a += b`` and ``a += scalar`` check shapes and broadcast on every
 # call, which for the small arrays of a chunk costs more than the additions:
 # one thread's dW products of the network's second layer took 69 us a chunk
@@ -341,97 +332,76 @@ def _add_per_row(plane, b, n):
             plane[i] += b[f]
 
 
-# ===== convolution 3x3, stride 1: Winograd F(m x m, 3x3), a few images per thread =====
+# ===== convolution 3x3, stride 1: Winograd F(2x2, 3x3), a few images per thread =====
 #
 # The algorithm is ``kernels.reference.winograd_conv3x3_forward`` (Lavin and
-# Gray, 2016), with output tiles of m x m pixels (m = 2 or 4) and input tiles
-# of a x a, a = m + 2: V = B^T d B for every input tile d, a^2 matrix products
-# M[k, l] = U[k, l] V[k, l] over the channels, then A^T M A for every output
-# tile. The products spend a^2 multiply-adds per (tile, channel, filter) where
-# im2col spends 9 m^2: 16 against 36 for F(2x2, 3x3), 36 against 144 for
-# F(4x4, 3x3). The transforms only add and scale, once per tile and channel
-# (or filter) rather than per channel *and* filter.
+# Gray, 2016): V = B^T d B for every 4x4 input tile d, 16 matrix products
+# M[a, b] = U[a, b] V[a, b] over the channels, then A^T M A for every 2x2 output
+# tile. The products spend 16 multiply-adds per (tile, channel, filter) where
+# im2col spends 2 * 2 * 9 = 36; the transforms only add, once per tile and
+# channel (or filter) rather than per channel *and* filter.
 #
 # The transforms are written so that every inner loop is long and contiguous,
 # which the compiler turns into vector instructions. Two choices make that
-# possible. (1) Row i of every tile is kept with its columns split by phase:
-# the padded image's columns 0, m, 2m, ... in one plane, 1, m + 1, ... in the
-# next, and so on; tiles start every m columns, so column j of tile q is entry
-# q + j // m of phase plane j % m. (2) Every row gets one tile more than it
-# needs (TW + 1 instead of TW). Then the tiles of all rows, images and
-# channels form one flat sequence u, and column j of tile u is element
-# u + j // m of phase plane j % m: a whole transform is a handful of loops
-# over u, instead of thousands of loops of TW iterations per image. The extra
-# tile of each row is computed and thrown away; it costs the products 1 / TW
-# more work.
+# possible. (1) Row i of every tile is kept with its even and odd columns
+# apart, so column j of a tile is entry j // 2 of its parity's half-row.
+# (2) Every row gets one tile more than it needs (TW + 1 instead of TW).
+# Then the tiles of all rows, images and channels form one flat sequence u,
+# and column j of tile u is element u + j // 2 of parity plane j % 2: a whole
+# transform is a handful of loops over u, instead of thousands of loops of TW
+# iterations per image. The extra tile of each row is computed and thrown
+# away; it costs the products 1 / TW more work.
 #
 # A thread takes a chunk of ``nb`` images at a time (as many as keep its
 # buffers in its core's cache), so that the products are wide enough for BLAS
 # even on the 8x8 images of the network's last layer. With
-# u = ((c nb + n) TH + th) (TW + 1) + q over the TE = nb TH (TW + 1) tiles of
-# each channel c (for the output: filter f), image n of the chunk, tile row
-# th, column q:
+# u = ((c nb + m) TH + th) (TW + 1) + q over the TE = nb TH (TW + 1) tiles of
+# each channel c (for the output: filter f), image m, tile row th, column q:
 #
-#   R[i, p][u]    = pixel (m th + i, m q + p) of padded image n   (_tile_rows:    row i of each tile, phase p)
+#   R[i, p][u]    = pixel (2 th + i, 2 q + p) of padded image m   (_tile_rows:    row i of each tile)
 #   S[k, p]       = sum_i B^T[k, i] R[i, p]                      (_mix_rows:     B^T d)
-#   V[k, l][u]    = sum_j B^T[l, j] S[k, j % m][u + j // m]      (_mix_columns:  (B^T d) B)
-#   M[kl] (F, TE) = U[kl] (F, C) @ V[kl] (C, TE)                 a^2 BLAS products
+#   V[k, l][u]    = sum_j B^T[l, j] S[k, j % 2][u + j // 2]      (_mix_columns:  (B^T d) B)
+#   M[ab] (F, TE) = U[ab] (F, C) @ V[ab] (C, TE)                 16 BLAS products
 #   M[1, 1][f]   += b[f]                                         the bias (see below)
 #   Z[i, l]       = sum_k A^T[i, k] M[k, l]                      (_mix_rows:     A^T m)
-#   y[n, f, m th + i, m q + j] = sum_l A^T[j, l] Z[i, l][u]      (_put_tiles:    (A^T m) A)
+#   y[m, f, 2 th + i, 2 q + j] = sum_l A^T[j, l] Z[i, l][u]      (_put_tiles:    (A^T m) A)
 #
 # The backward pass runs the same algebra transposed
-# (``reference.winograd_conv3x3_backward``). The m x m tiles dY of dy go
+# (``reference.winograd_conv3x3_backward``). The 2x2 tiles dY of dy go
 # through the same steps with A in place of B^T, giving Mbar = A dY A^T (the
 # extra tiles read dy's zero padding, so their Mbar is 0 and they add nothing
-# below). Then dV[kl] = U[kl]^T Mbar[kl], and the adjoints of _mix_columns,
+# below). Then dV[ab] = U[ab]^T Mbar[ab], and the adjoints of _mix_columns,
 # _mix_rows and _tile_rows take dV back onto the pixels of dx; and
-# dU[kl] = sum of Mbar[kl] V[kl]^T over the images, with V of x computed again
+# dU[ab] = sum of Mbar[ab] V[ab]^T over the images, with V of x computed again
 # as in the forward pass, gives dW = G^T dU G.
 #
-# The bias rides on one product. Column 1 of A^T is all ones (for m = 2 and
-# 4), so product m[1, 1] enters every output of its tile with weight 1: adding
-# b[f] to the plane M[1, 1] (one plane, before the output transform) adds it
-# to all m^2 outputs, where adding it to y afterwards is a pass over m^2
-# planes. The same column makes Mbar[1, 1] = A[1] dY A[1]^T the sum of the m^2
-# dy of its tile, so db[f] is the sum of plane Mbar[1, 1] over filter f's
-# tiles, a 1 / m^2 of dy's elements and already in cache.
-#
-# Which m. F(4x4, 3x3) needs 1.78x fewer multiplications per output pixel
-# than F(2x2, 3x3), but its transforms are denser (rows of three to six
-# terms, against two or three), so they cost about as much per pixel, and
-# its tiles are coarse: where the output is not a multiple of 4, the last
-# tiles are partly wasted, and the extra tile of each row costs a third or
-# half more products on outputs 8 to 12 wide. Measured, forward plus backward,
-# batch 128, 32 -> 32 channels, 2 threads (ms, F(2x2, 3x3) / F(4x4, 3x3)):
-# 24x24 output 23.4-23.7 / 21.4; 20x20 17.6-17.8 / 15.9-16.0; 16x16
-# 11.2-11.5 / 10.6-10.7; 12x12 7.7 / 7.3; 10x10 5.9-6.0 / 7.0-7.2; 8x8
-# 4.0-4.1 / 4.8-5.1. So F(4x4, 3x3) takes outputs whose sides are multiples
-# of 4, at least 12 (the Papernot network's second layer, 24x24), and
-# F(2x2, 3x3) the rest (its third and fourth, 10x10 and 8x8). In float32
-# F(4x4, 3x3) rounds more: its errors are about 5e-6 of the largest output,
-# against 2e-7 for F(2x2, 3x3) and 6e-7 for im2col (the transforms multiply
-# by up to 8 where F(2x2, 3x3) only adds); in float64 both are exact to 1e-14.
+# The bias rides on one product. Column 1 of A^T is (1, 1), so product
+# m[1, 1] enters every output of its tile with weight 1: adding b[f] to the
+# plane M[1, 1] (one plane, before the output transform) adds it to all four
+# outputs, where adding it to y afterwards is a pass over four planes. The
+# same column makes Mbar[1, 1] = A[1] dY A[1]^T the sum of the four dy of its
+# tile, so db[f] is the sum of plane Mbar[1, 1] over filter f's tiles, a
+# quarter of dy's elements and already in cache.
 
 # the fewest input channels for which Winograd is used: the products shrink
 # with C, the transforms of the output (one per filter) do not. Forward plus
 # backward, batch 128, 32 filters on 26x26 images, one thread (ms, im2col /
-# Winograd F(2x2, 3x3)): C = 1: 3.5 / 9.5; 4: 8.6 / 14.3; 8: 20.0 / 19.6;
-# 16: 35.4 / 30.5; and 64 filters on 10x10: C = 16: 7.0 / 7.8; 32 (with 32
-# filters): 9.8 / 7.8. So the first layer (C = 1) keeps im2col and the others
-# (C = 32, 64) take Winograd.
+# Winograd): C = 1: 3.5 / 9.5; 4: 8.6 / 14.3; 8: 20.0 / 19.6; 16: 35.4 / 30.5;
+# and 64 filters on 10x10: C = 16: 7.0 / 7.8; 32 (with 32 filters): 9.8 / 7.8.
+# So the first layer (C = 1) keeps im2col and the others (C = 32, 64) take Winograd.
 WINOGRAD_MIN_CHANNELS = 16
 
-# bytes of buffers a thread's chunk of images may fill, for each tile size m
-# (F(2x2, 3x3): half a core's 2 MB L2 on the machine it was measured on, 1 to
-# 8 images for the Papernot network; F(4x4, 3x3): 4 images of its second
-# layer, whose products get wider: forward plus backward at batch 128,
-# 20.3-20.5 ms in chunks of 4 images, 20.9-21.7 in chunks of 2 or 3,
-# 21.8-22.8 in chunks of 1)
-WINOGRAD_CHUNK_BYTES = {2: 1 << 20, 4: 5 << 19}
+# bytes of buffers a thread's chunk of images may fill (half a core's 2 MB L2
+# on the machine it was measured on; 1 to 8 images for the Papernot network)
+WINOGRAD_CHUNK_BYTES = 1 << 20
 
-# the smallest output side (a multiple of 4) that takes F(4x4, 3x3); see above
-WINOGRAD_F4_MIN_SIZE = 12
+# the product m[1, 1] (row 4 a + b of M and Mbar) that every output of a tile
+# sums with weight 1: it carries the bias forward and gives db back (see above)
+BIAS_PRODUCT = 5
+
+_BT = reference.WINOGRAD_BT                             # input tiles:   d -> B^T d B
+_AT = reference.WINOGRAD_AT                             # output tiles:  m -> A^T m A
+_A = np.ascontiguousarray(reference.WINOGRAD_AT.T)      # dy's tiles:   dY -> A dY A^T
 
 
 def _winograd_applies(W, stride, pad):
@@ -440,47 +410,29 @@ def _winograd_applies(W, stride, pad):
     return (KH, KW) == (3, 3) and stride == 1 and C >= WINOGRAD_MIN_CHANNELS
 
 
-def _winograd_tile(OH, OW):
-    """m of the F(m x m, 3x3) for an OH x OW output: 4 where both sides are multiples of 4
-    and at least WINOGRAD_F4_MIN_SIZE, 2 otherwise (see above)."""
-    return 4 if OH % 4 == 0 and OW % 4 == 0 and min(OH, OW) >= WINOGRAD_F4_MIN_SIZE else 2
-
-
-@njit(cache=True, inline="always")
-def _bias_product(m):
-    """Row (m + 2) + 1 of M and Mbar: the product m[1, 1] that every output of a tile
-    sums with weight 1, which carries the bias forward and gives db back (see above)."""
-    return m + 3
-
-
 def _row_length(n):
     """A buffer row length >= n + 2 that is not a multiple of 1024 elements.
 
     The spare elements let the shifted reads (u + 1) of the last extra tile run
     past the n that count; the length avoids rows exactly 4 KiB apart, which
-    share L1 cache sets (the loops below read up to six rows at once).
+    share L1 cache sets (the loops below read up to four rows at once).
     """
     n += 2 + 16 - (n + 2) % 16
     return n + 16 if n % 1024 == 0 else n
 
 
-def _chunk(N, C, F, TH, TW, itemsize, m=2):
+def _chunk(N, C, F, TH, TW, itemsize):
     """Images per chunk: as many as fit WINOGRAD_CHUNK_BYTES, at least 1, at most N."""
-    a = m + 2
-    per_image = (a * a * (C + F) + a * m * (F + C)) * TH * (TW + 1) * itemsize   # V, M, Z and R or S
-    return int(max(1, min(N, WINOGRAD_CHUNK_BYTES[m] // per_image)))
+    per_image = (16 * (C + F) + 8 * F + 8 * C) * TH * (TW + 1) * itemsize   # V, M, Z, R and S
+    return int(max(1, min(N, WINOGRAD_CHUNK_BYTES // per_image)))
 
 
 # A float32 image row of even width is a row of 64-bit words, each holding one
 # pixel pair (even column in the low half on a little-endian machine). Splitting
 # the words into halves is one vector instruction per 8 or 16 pixels, where
 # picking every other float32 out of a row is a shuffle the compiler does not
-# vectorise: _tile_rows, the split of every row into its two phases for
-# m = 2, is 1.3x faster so, and _untile_rows and _put_tiles, which join the
-# halves back, gain as much. For m = 4, two words hold a tile's four phases
-# (_split_quads): faster than four strided copies by 3.1x in _tile_rows and
-# 1.4x in _put_tiles (the second layer, chunks of 4 images, one thread, per
-# image: 40.6 -> 13.0 and 18.1 -> 13.2 us).
+# vectorise: _tile_rows, the even/odd split of every row, is 1.3x faster so,
+# and _untile_rows and _put_tiles, which join the halves back, gain as much.
 _PIXEL_PAIRS_AS_WORDS = sys.byteorder == "little"
 
 
@@ -506,109 +458,47 @@ def _join_pairs(x, s0, r, at_even, at_odd, n):
         x[w0 + t] = np.uint64(r[at_even + t]) | (np.uint64(r[at_odd + t]) << np.uint64(32))
 
 
-@njit(cache=True, inline="always")
-def _pairs_as_words(m, x, W):
-    """Whether rows of x (W wide) split into, or join from, m = 2 phases as pixel pairs."""
-    return m == 2 and _PIXEL_PAIRS_AS_WORDS and x.itemsize == 4 and W % 2 == 0
-
-
-@njit(cache=True, inline="always")
-def _split_quads(r, row, phase, x, s0, W):
-    """For m = 4: r[row + p phase + g] = x[s0 + 4 g + p], the W pixels of a float32 row
-    (W even) split into their four phases, with r viewed as uint32 and x as uint64:
-    words 2 g and 2 g + 1 from word s0 / 2 on hold pixels 4 g, 4 g + 1 and
-    4 g + 2, 4 g + 3 (a last word, if W is not a multiple of 4, phases 0 and 1)."""
-    lo = np.uint64(0xFFFFFFFF)
-    w0 = np.uint64(s0 // 2)
-    a0 = np.uint64(row)
-    a1 = a0 + np.uint64(phase)
-    a2 = a1 + np.uint64(phase)
-    a3 = a2 + np.uint64(phase)
-    two, one, s32 = np.uint64(2), np.uint64(1), np.uint64(32)
-    G = np.uint64(W // 4)
-    for g in range(G):
-        u = x[w0 + two * g]
-        v = x[w0 + two * g + one]
-        r[a0 + g] = np.uint32(u & lo)
-        r[a1 + g] = np.uint32(u >> s32)
-        r[a2 + g] = np.uint32(v & lo)
-        r[a3 + g] = np.uint32(v >> s32)
-    if W % 4:
-        u = x[w0 + two * G]
-        r[a0 + G] = np.uint32(u & lo)
-        r[a1 + G] = np.uint32(u >> s32)
-
-
-@njit(cache=True, inline="always")
-def _join_quads(x, s0, r, row, phase, W):
-    """The inverse of _split_quads: x[s0 + 4 g + p] = r[row + p phase + g] for the W pixels
-    of a row, with x viewed as uint64 and r as uint32."""
-    w0 = np.uint64(s0 // 2)
-    a0 = np.uint64(row)
-    a1 = a0 + np.uint64(phase)
-    a2 = a1 + np.uint64(phase)
-    a3 = a2 + np.uint64(phase)
-    two, one, s32 = np.uint64(2), np.uint64(1), np.uint64(32)
-    G = np.uint64(W // 4)
-    for g in range(G):
-        x[w0 + two * g] = np.uint64(r[a0 + g]) | (np.uint64(r[a1 + g]) << s32)
-        x[w0 + two * g + one] = np.uint64(r[a2 + g]) | (np.uint64(r[a3 + g]) << s32)
-    if W % 4:
-        x[w0 + two * G] = np.uint64(r[a0 + G]) | (np.uint64(r[a1 + G]) << s32)
-
-
-@njit(cache=True, inline="always")
-def _quads_as_words(m, pad, x, W):
-    """Whether rows of x (W wide, padded by pad) split into, or join from, m = 4 phases
-    as word pairs: pad a multiple of 4 keeps every word's two pixels in phases 0 and 1,
-    or 2 and 3."""
-    return m == 4 and pad % 4 == 0 and _PIXEL_PAIRS_AS_WORDS and x.itemsize == 4 and W % 2 == 0
-
-
 @njit(cache=True)
 def _tile_rows(imgs, pad, R):
-    """R[i, w % m, c, n, th, w // m] = padded image n's pixel (c, m th + i, w): row i of
-    every tile row, its columns split by phase.
+    """R[i, w % 2, c, m, th, w // 2] = padded image m's pixel (c, 2 th + i, w): row i of
+    every tile row, its even and odd columns apart.
 
-    imgs : (<= nb, C, H, W), a chunk of images;  R : (I, m, C, nb, TH, TW + 1).
+    imgs : (<= nb, C, H, W), a chunk of images;  R : (I, 2, C, nb, TH, TW + 1).
     The padding of R is zeroed by the caller: these writes land on the same
     places for every chunk and never on it.
     """
     count, C, H, W = imgs.shape              # count <= nb: the last chunk may be short
-    I, m, _, nb, TH, TQ = R.shape
+    I, _, _, nb, TH, TQ = R.shape
     r, x = R.ravel(), imgs.ravel()
-    phase = R.size // (I * m)                # elements from one phase plane to the next
-    as_words = _pairs_as_words(m, x, W)      # see _split_pairs
-    quads = _quads_as_words(m, pad, x, W)    # see _split_quads
+    parity = R.size // (2 * I)               # elements from an even plane to its odd one
+    as_words = _PIXEL_PAIRS_AS_WORDS and x.itemsize == 4 and W % 2 == 0   # see _split_pairs
     r_u32, x_u64 = r.view(np.uint32), x[:x.size - x.size % 2].view(np.uint64)
     for i in range(I):
         for c in range(C):
-            for n in range(count):
+            for m in range(count):
                 for th in range(TH):
-                    h = m * th + i - pad
-                    if h < 0 or h >= H:
-                        continue
-                    row = (((i * m * C + c) * nb + n) * TH + th) * TQ   # phase 0 of this tile row
-                    s0 = ((n * C + c) * H + h) * W
-                    if quads:                # padded column w + pad: phase w % 4, entry (w + pad) // 4
-                        _split_quads(r_u32, row + pad // 4, phase, x_u64, s0, W)
-                        continue
-                    if as_words:             # image column w is padded column w + pad: phase (w + pad) % 2
-                        _split_pairs(r_u32, np.uint64(row + (pad % 2) * phase + pad // 2),
-                                     np.uint64(row + (1 - pad % 2) * phase + (pad + 1) // 2),
-                                     x_u64, np.uint64(s0), W // 2)
-                        continue
-                    for p in range(m):       # the image columns w with (w + pad) % m = p
-                        w0 = (p - pad) % m
-                        if w0 < W:
-                            _copy(r, row + p * phase + (w0 + pad) // m, x, s0 + w0, m, (W - w0 + m - 1) // m)
+                    h = 2 * th + i - pad
+                    if 0 <= h < H:
+                        # image column w lands on padded column w + pad: parity (w + pad) % 2
+                        even = ((((i * 2) * C + c) * nb + m) * TH + th) * TQ
+                        at = np.uint64(even + (pad % 2) * parity + pad // 2)        # w = 0, 2, 4, ...
+                        at1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)   # w = 1, 3, ...
+                        s0 = np.uint64(((m * C + c) * H + h) * W)
+                        if as_words:
+                            _split_pairs(r_u32, at, at1, x_u64, s0, W // 2)
+                            continue
+                        for t in range(np.uint64(W // 2)):   # unsigned, as in _copy
+                            r[at + t] = x[s0 + 2 * t]
+                            r[at1 + t] = x[s0 + 2 * t + 1]
+                        if W % 2:
+                            r[at + np.uint64(W // 2)] = x[s0 + np.uint64(W - 1)]
 
 
 @njit(cache=True)
 def _terms(row):
-    """The nonzero coefficients of one matrix row, and where they stand (at most 6)."""
-    coef = np.zeros(6, dtype=row.dtype)
-    at = np.zeros(6, dtype=np.int64)
+    """The nonzero coefficients of one matrix row, and where they stand (at most 4)."""
+    coef = np.zeros(4, dtype=row.dtype)
+    at = np.zeros(4, dtype=np.int64)
     count = 0
     for i in range(row.size):
         if row[i] != 0:
@@ -618,27 +508,21 @@ def _terms(row):
 
 
 @njit(cache=True, inline="always")
-def _weighted_sum(o, c, count, s0, s1, s2, s3, s4, s5):
-    """o[:] = c[0] s0 + ... + c[count - 1] s{count - 1}: one pass, every array contiguous."""
+def _weighted_sum(o, m, count, s0, s1, s2, s3):
+    """o[:] = m[0] s0 + ... + m[count - 1] s{count - 1}: one pass, every array contiguous."""
     n = o.size
     if count == 1:
         for e in range(n):
-            o[e] = c[0] * s0[e]
+            o[e] = m[0] * s0[e]
     elif count == 2:
         for e in range(n):
-            o[e] = c[0] * s0[e] + c[1] * s1[e]
+            o[e] = m[0] * s0[e] + m[1] * s1[e]
     elif count == 3:
         for e in range(n):
-            o[e] = c[0] * s0[e] + c[1] * s1[e] + c[2] * s2[e]
-    elif count == 4:
-        for e in range(n):
-            o[e] = c[0] * s0[e] + c[1] * s1[e] + c[2] * s2[e] + c[3] * s3[e]
-    elif count == 5:
-        for e in range(n):
-            o[e] = c[0] * s0[e] + c[1] * s1[e] + c[2] * s2[e] + c[3] * s3[e] + c[4] * s4[e]
+            o[e] = m[0] * s0[e] + m[1] * s1[e] + m[2] * s2[e]
     else:
         for e in range(n):
-            o[e] = c[0] * s0[e] + c[1] * s1[e] + c[2] * s2[e] + c[3] * s3[e] + c[4] * s4[e] + c[5] * s5[e]
+            o[e] = m[0] * s0[e] + m[1] * s1[e] + m[2] * s2[e] + m[3] * s3[e]
 
 
 @njit(cache=True)
@@ -646,216 +530,228 @@ def _mix_rows(Mat, src, n, out):
     """out[k L + l, :n] = sum_i Mat[k, i] src[i L + l, :n], where L = len(src) // Mat.shape[1].
 
     A small matrix applied along the first tile axis, to whole planes of tiles
-    at once. Only the nonzero coefficients take part (B^T has two to four a
-    row, A^T three to five), so each result is exactly the sum the matrix names.
+    at once. Only the nonzero coefficients take part (B^T and A have two a
+    row, A^T three), so each result is exactly the sum the matrix names.
     """
     K, I = Mat.shape
     L = src.shape[0] // I
     for k in range(K):
-        c, i, count = _terms(Mat[k])
+        m, i, count = _terms(Mat[k])
         for l in range(L):
-            _weighted_sum(out[k * L + l, :n], c, count, src[i[0] * L + l, :n], src[i[1] * L + l, :n],
-                          src[i[2] * L + l, :n], src[i[3] * L + l, :n], src[i[4] * L + l, :n],
-                          src[i[5] * L + l, :n])
+            _weighted_sum(out[k * L + l, :n], m, count, src[i[0] * L + l, :n], src[i[1] * L + l, :n],
+                          src[i[2] * L + l, :n], src[i[3] * L + l, :n])
 
 
 @njit(cache=True)
-def _mix_columns(Mat, S, m, n, out):
-    """out[k L + l, u] = sum_j Mat[l, j] S[m k + j % m, u + j // m] for u < n, L = Mat.shape[0].
+def _mix_columns(Mat, S, n, out):
+    """out[k L + l, u] = sum_j Mat[l, j] S[2k + j % 2, u + j // 2] for u < n, L = Mat.shape[0].
 
-    The same along the second tile axis. S holds each tile row's m column phases
-    apart, so column j of every tile u is the plane S[m k + j % m] shifted by
-    j // m, and the sum is again one pass over contiguous planes.
+    The same along the second tile axis. S holds even and odd columns apart,
+    so column j of every tile u is the plane S[2k + j % 2] shifted by j // 2,
+    and the sum is again one pass over contiguous planes.
     """
     L, J = Mat.shape
     for l in range(L):
-        c, j, count = _terms(Mat[l])
-        o = j // m                           # the shifts
-        for k in range(S.shape[0] // m):
-            _weighted_sum(out[k * L + l, :n], c, count, S[m * k + j[0] % m, o[0]:o[0] + n],
-                          S[m * k + j[1] % m, o[1]:o[1] + n], S[m * k + j[2] % m, o[2]:o[2] + n],
-                          S[m * k + j[3] % m, o[3]:o[3] + n], S[m * k + j[4] % m, o[4]:o[4] + n],
-                          S[m * k + j[5] % m, o[5]:o[5] + n])
+        m, j, count = _terms(Mat[l])
+        o0, o1, o2, o3 = j[0] // 2, j[1] // 2, j[2] // 2, j[3] // 2    # the shifts
+        for k in range(S.shape[0] // 2):
+            _weighted_sum(out[k * L + l, :n], m, count, S[2 * k + j[0] % 2, o0:o0 + n],
+                          S[2 * k + j[1] % 2, o1:o1 + n], S[2 * k + j[2] % 2, o2:o2 + n],
+                          S[2 * k + j[3] % 2, o3:o3 + n])
 
 
 @njit(cache=True)
-def _unmix_columns(Mat, dV, m, n, dS):
-    """The adjoint of ``_mix_columns``: dS[m k + p, v] = sum of Mat[l, j] dV[k L + l, v - j // m]
-    over the (l, j) with j % m = p, for v < n.
+def _unmix_columns(Mat, dV, n, dS):
+    """The adjoint of ``_mix_columns``: dS[2k + p, v] = sum of Mat[l, j] dV[k L + l, v - j // 2]
+    over the (l, j) with j % 2 = p, for v < n.
 
     dV's rows hold their planes from element 1 on, after a zero: the shift by
-    one tile reads that zero at v = 0. (Each column phase of B^T gives up to
-    six terms: F(4x4, 3x3)'s phase 0 takes column 0's one and column 4's five.)
+    one tile reads that zero at v = 0. (Each column parity of B^T gives four
+    terms: at most four are supported.)
     """
     L, J = Mat.shape
-    for p in range(m):
-        coef = np.zeros(6, dtype=dV.dtype)
-        plane = np.zeros(6, dtype=np.int64)
-        start = np.zeros(6, dtype=np.int64)
+    for p in range(2):
+        coef = np.zeros(4, dtype=dV.dtype)
+        plane = np.zeros(4, dtype=np.int64)
+        start = np.zeros(4, dtype=np.int64)
         count = 0
         for l in range(L):
-            for j in range(p, J, m):
+            for j in range(p, J, 2):
                 if Mat[l, j] != 0:
-                    coef[count], plane[count], start[count] = Mat[l, j], l, 1 - j // m
+                    coef[count], plane[count], start[count] = Mat[l, j], l, 1 - j // 2
                     count += 1
-        for k in range(dS.shape[0] // m):
-            _weighted_sum(dS[m * k + p, :n], coef, count,
+        for k in range(dS.shape[0] // 2):
+            _weighted_sum(dS[2 * k + p, :n], coef, count,
                           dV[k * L + plane[0], start[0]:start[0] + n], dV[k * L + plane[1], start[1]:start[1] + n],
-                          dV[k * L + plane[2], start[2]:start[2] + n], dV[k * L + plane[3], start[3]:start[3] + n],
-                          dV[k * L + plane[4], start[4]:start[4] + n], dV[k * L + plane[5], start[5]:start[5] + n])
+                          dV[k * L + plane[2], start[2]:start[2] + n], dV[k * L + plane[3], start[3]:start[3] + n])
 
 
 @njit(cache=True)
 def _untile_rows(dR, pad, dx):
-    """The adjoint of ``_tile_rows``: dx[n, c, h, w] = the sum of the entries of dR that
-    ``_tile_rows`` copied from pixel (c, h, w) of image n (one or two tile rows hold each row).
+    """The adjoint of ``_tile_rows``: dx[m, c, h, w] = the sum of the entries of dR that
+    ``_tile_rows`` copied from pixel (c, h, w) of image m (two tile rows hold each row).
 
-    dR : (m + 2, m, C, nb, TH, TW + 1), also used as scratch;  dx : (<= nb, C, H, W), overwritten.
-    First the tile rows that hold an image row are added onto one of them (long
-    contiguous loops, in place in dR), then its phases are joined into the row.
+    dR : (4, 2, C, nb, TH, TW + 1), also used as scratch;  dx : (<= nb, C, H, W), overwritten.
     """
     count, C, H, W = dx.shape
-    I, m, _, nb, TH, TQ = dR.shape
+    _, _, _, nb, TH, TQ = dR.shape
     r, x = dR.ravel(), dx.ravel()
-    phase = dR.size // (I * m)
-    as_words = _pairs_as_words(m, x, W)      # see _split_pairs
-    quads = _quads_as_words(m, pad, x, W)    # see _split_quads
-    r_u32, x_u64 = r.view(np.uint32), x[:x.size - x.size % 2].view(np.uint64)
-    for n in range(count):
+    parity = dR.size // 8
+    if _PIXEL_PAIRS_AS_WORDS and x.itemsize == 4 and W % 2 == 0:
+        # float32, even width: first add the two tile rows that hold each image row
+        # (long contiguous loops, in place in dR), then join the halves into pixel
+        # pairs as 64-bit words (see _split_pairs)
+        r_u32, x_u64 = r.view(np.uint32), x.view(np.uint64)
+        for m in range(count):
+            for c in range(C):
+                for h in range(H):
+                    at0, at1, found = np.uint64(0), np.uint64(0), False
+                    for i in range((h + pad) % 2, 4, 2):     # the two rows i with 2 th + i = h + pad
+                        th = (h + pad - i) // 2
+                        if th < 0 or th >= TH:
+                            continue
+                        even = ((((i * 2) * C + c) * nb + m) * TH + th) * TQ
+                        at = np.uint64(even + (pad % 2) * parity + pad // 2)
+                        at_1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)
+                        if found:            # the second row: add it onto the first
+                            for t in range(np.uint64(W // 2)):
+                                r[at0 + t] += r[at + t]
+                                r[at1 + t] += r[at_1 + t]
+                        else:
+                            at0, at1, found = at, at_1, True
+                    # (every image row lies in one tile row at least: the tiles cover the
+                    # whole padded image, 2 TH + 2 >= OH + 2 rows)
+                    _join_pairs(x_u64, ((m * C + c) * H + h) * W, r_u32, at0, at1, W // 2)
+        return
+    for m in range(count):
         for c in range(C):
             for h in range(H):
-                # the tile rows th whose row i = h + pad - m th is image row h; every image
-                # row lies in one at least (the tiles cover the whole padded image)
-                first = -1
-                for i in range((h + pad) % m, I, m):
-                    th = (h + pad - i) // m
+                s0 = np.uint64(((m * C + c) * H + h) * W)
+                first = True
+                for i in range((h + pad) % 2, 4, 2):         # the two rows i with 2 th + i = h + pad
+                    th = (h + pad - i) // 2
                     if th < 0 or th >= TH:
                         continue
-                    row = (((i * m * C + c) * nb + n) * TH + th) * TQ
-                    if first < 0:
-                        first = row
-                        continue
-                    for p in range(m):       # the second: added onto the first
-                        _add(r, first + p * phase, 1, r, row + p * phase, TQ)
-                s0 = ((n * C + c) * H + h) * W
-                if quads:
-                    _join_quads(x_u64, s0, r_u32, first + pad // 4, phase, W)
-                    continue
-                if as_words:
-                    _join_pairs(x_u64, s0, r_u32, np.uint64(first + (pad % 2) * phase + pad // 2),
-                                np.uint64(first + (1 - pad % 2) * phase + (pad + 1) // 2), W // 2)
-                    continue
-                for p in range(m):
-                    w0 = (p - pad) % m
-                    if w0 < W:
-                        _scatter(x, s0 + w0, m, r, first + p * phase + (w0 + pad) // m, (W - w0 + m - 1) // m)
+                    even = ((((i * 2) * C + c) * nb + m) * TH + th) * TQ
+                    at = np.uint64(even + (pad % 2) * parity + pad // 2)
+                    at1 = np.uint64(even + (1 - pad % 2) * parity + (pad + 1) // 2)
+                    if first:
+                        for t in range(np.uint64(W // 2)):   # unsigned, as in _copy
+                            x[s0 + 2 * t] = r[at + t]
+                            x[s0 + 2 * t + 1] = r[at1 + t]
+                        if W % 2:
+                            x[s0 + np.uint64(W - 1)] = r[at + np.uint64(W // 2)]
+                        first = False
+                    else:
+                        for t in range(np.uint64(W // 2)):
+                            x[s0 + 2 * t] += r[at + t]
+                            x[s0 + 2 * t + 1] += r[at1 + t]
+                        if W % 2:
+                            x[s0 + np.uint64(W - 1)] += r[at + np.uint64(W // 2)]
 
 
 @njit(cache=True)
 def _put_tiles(AT, Z, Y, nb, TW, y):
-    """y[n, f, m th + i, m q + j] = sum_l AT[j, l] Z[(m + 2) i + l, u] for n < len(y): the
+    """y[m, f, 2 th + i, 2 q + j] = sum_l AT[j, l] Z[4 i + l, u] for m < len(y): the
     second half of the output transform, written into NCHW (the bias is already in Z).
 
-    Z : (m (m + 2), R) with R >= F nb TH (TW + 1), u = ((f nb + n) TH + th) (TW + 1) + q;
-    Y : ((m + 2)^2, R), scratch (the products' buffer, free by now);  y : (<= nb,
-    F, OH, OW). First the m^2 output planes Y[m i + j] in long loops, then each
-    output row interleaves its m. Where OH or OW is not a multiple of m, the
-    last tiles' rows or columns past the edge are dropped.
+    Z : (8, R) with R >= F nb TH (TW + 1), u = ((f nb + m) TH + th) (TW + 1) + q;
+    Y : (16, R), scratch (the 16 products' buffer, free by now);  y : (<= nb, F,
+    OH, OW). First the four output planes Y[2i + j] in long loops, then each
+    output row interleaves its two. An odd OH or OW drops the last tiles'
+    second row or column.
     """
     _, F, OH, OW = y.shape
-    m, a = AT.shape
-    TH = (OH + m - 1) // m
+    TH = (OH + 1) // 2
     n = F * nb * TH * (TW + 1)
     R = Z.shape[1]
-    Y = Y[:m * m].reshape(m, m, R)
-    for i in range(m):                       # Y[i, j] = sum_l AT[j, l] Z[a i + l]
-        _mix_rows(AT, Z[a * i:a * (i + 1)], n, Y[i])
+    Y = Y.reshape(4, 4, R)[0].reshape(2, 2, R)
+    for i in range(2):                       # Y[i, j] = sum_l AT[j, l] Z[4i + l]
+        _mix_rows(AT, Z.reshape(2, 4, R)[i], n, Y[i])
     yf = y.ravel()
-    as_words = _pairs_as_words(m, yf, OW)    # see _split_pairs
-    quads = _quads_as_words(m, 0, yf, OW)
-    y_u64, Y_u32 = yf[:yf.size - yf.size % 2].view(np.uint64), Y.ravel().view(np.uint32)
-    whole = OW // m                          # tiles with all m columns inside the image
-    for i in range(m):
-        for k in range(y.shape[0]):
+    pairs = np.uint64(OW // 2)               # tiles with both columns inside the image
+    if _PIXEL_PAIRS_AS_WORDS and yf.itemsize == 4 and OW % 2 == 0:
+        # float32, even width: each output row's halves joined as 64-bit words (see _split_pairs)
+        y_u64, Y_u32 = yf.view(np.uint64), Y.ravel().view(np.uint32)
+        for i in range(2):
+            for m in range(y.shape[0]):
+                for f in range(F):
+                    for th in range(TH):
+                        h = 2 * th + i
+                        if h < OH:
+                            s0 = ((f * nb + m) * TH + th) * (TW + 1)
+                            _join_pairs(y_u64, ((m * F + f) * OH + h) * OW,
+                                        Y_u32, np.uint64(2 * i * R + s0), np.uint64((2 * i + 1) * R + s0), pairs)
+        return
+    for i in range(2):
+        even, odd = Y[i, 0], Y[i, 1]
+        for m in range(y.shape[0]):
             for f in range(F):
                 for th in range(TH):
-                    h = m * th + i
+                    h = 2 * th + i
                     if h >= OH:
                         continue
-                    d0 = ((k * F + f) * OH + h) * OW
-                    s0 = ((f * nb + k) * TH + th) * (TW + 1)
-                    if as_words:
-                        _join_pairs(y_u64, d0, Y_u32, np.uint64((2 * i) * R + s0),
-                                    np.uint64((2 * i + 1) * R + s0), whole)
-                        continue
-                    if quads:
-                        _join_quads(y_u64, d0, Y_u32, (4 * i) * R + s0, R, OW)
-                        continue
-                    for j in range(m):       # column j of the tiles whose column j is inside
-                        _scatter(yf, d0 + j, m, Y[i, j], s0, whole + (1 if j < OW - m * whole else 0))
+                    d0 = np.uint64(((m * F + f) * OH + h) * OW)
+                    s0 = np.uint64(((f * nb + m) * TH + th) * (TW + 1))
+                    for q in range(pairs):   # unsigned, as in _copy
+                        yf[d0 + 2 * q] = even[s0 + q]
+                        yf[d0 + 2 * q + 1] = odd[s0 + q]
+                    if OW % 2:               # the last tile's first column only
+                        yf[d0 + 2 * pairs] = even[s0 + pairs]
 
 
 # The filters' transform U = G g G^T, and its adjoint for dW, are tiny next to
-# the convolution (84 multiply-adds per filter and channel for F(2x2, 3x3)),
-# but as NumPy einsums (the reference's) they took 0.16-1.6 ms a call, 5.5 ms
-# of every training step at batch 128 (nine calls), whatever the batch size;
-# these loops take 12-47 us (the network's three layers, 2 threads). Both work
-# in float64 and round once, as the reference does.
+# the convolution (84 multiply-adds per filter and channel), but as NumPy
+# einsums (the reference's) they took 0.16-1.6 ms a call, 5.5 ms of every
+# training step at batch 128 (nine calls), whatever the batch size; these
+# loops take 12-47 us (the network's three layers, 2 threads). Both work in
+# float64 and round once, as the reference does: in float32 the same bits.
 
 @njit(parallel=True, cache=True)
 def _winograd_filters(W, G, U):
-    """U[a k + l, f, c] = (G W[f, c] G^T)[k, l], a = len(G); U may be a transposed view."""
+    """U[4 a + b, f, c] = (G W[f, c] G^T)[a, b]; U may be a transposed view."""
     F, C = W.shape[0], W.shape[1]
-    a = G.shape[0]
     for f in prange(F):                      # this thread alone writes U[:, f]
-        Gg = np.empty((a, 3))
+        Gg = np.empty((4, 3))
         for c in range(C):
-            for k in range(a):               # Gg = G g
+            for a in range(4):               # Gg = G g
                 for l in range(3):
-                    Gg[k, l] = G[k, 0] * W[f, c, 0, l] + G[k, 1] * W[f, c, 1, l] + G[k, 2] * W[f, c, 2, l]
-            for k in range(a):               # U = (G g) G^T
-                for l in range(a):
-                    U[a * k + l, f, c] = Gg[k, 0] * G[l, 0] + Gg[k, 1] * G[l, 1] + Gg[k, 2] * G[l, 2]
+                    Gg[a, l] = G[a, 0] * W[f, c, 0, l] + G[a, 1] * W[f, c, 1, l] + G[a, 2] * W[f, c, 2, l]
+            for a in range(4):               # U = (G g) G^T
+                for b in range(4):
+                    U[4 * a + b, f, c] = Gg[a, 0] * G[b, 0] + Gg[a, 1] * G[b, 1] + Gg[a, 2] * G[b, 2]
 
 
 @njit(parallel=True, cache=True)
 def _winograd_filters_adjoint(dU, G, dW):
-    """dW[f, c] = G^T dU[:, f, c] G, with dU[a k + l, f, c], a = len(G)."""
+    """dW[f, c] = G^T dU[:, f, c] G, with dU[4 a + b, f, c]."""
     F, C = dW.shape[0], dW.shape[1]
-    a = G.shape[0]
     for f in prange(F):                      # this thread alone writes dW[f]
-        GdU = np.empty((3, a))
+        GdU = np.empty((3, 4))
         for c in range(C):
             for k in range(3):               # G^T dU
-                for l in range(a):
-                    s = 0.0
-                    for i in range(a):
-                        s += G[i, k] * dU[a * i + l, f, c]
-                    GdU[k, l] = s
+                for b in range(4):
+                    GdU[k, b] = (G[0, k] * dU[b, f, c] + G[1, k] * dU[4 + b, f, c]
+                                 + G[2, k] * dU[8 + b, f, c] + G[3, k] * dU[12 + b, f, c])
             for k in range(3):               # (G^T dU) G
                 for l in range(3):
-                    s = 0.0
-                    for j in range(a):
-                        s += GdU[k, j] * G[j, l]
-                    dW[f, c, k, l] = s
+                    dW[f, c, k, l] = (GdU[k, 0] * G[0, l] + GdU[k, 1] * G[1, l]
+                                      + GdU[k, 2] * G[2, l] + GdU[k, 3] * G[3, l])
 
 
-def winograd_filters(W, m=2, transposed=False):
-    """``reference.winograd_filters`` as ((m + 2)^2, F, C) (or ((m + 2)^2, C, F) if
-    ``transposed``), W's dtype: the products' left operands U[kl] (or U[kl]^T)."""
+def winograd_filters(W, transposed=False):
+    """``reference.winograd_filters`` as (16, F, C) (or (16, C, F) if ``transposed``),
+    W's dtype: the products' left operands U[ab] (or U[ab]^T)."""
     F, C = W.shape[0], W.shape[1]
-    a = m + 2
-    U = np.empty((a * a, C, F) if transposed else (a * a, F, C))
-    _winograd_filters(W, reference.WINOGRAD[m].G, U.transpose(0, 2, 1) if transposed else U)
+    U = np.empty((16, C, F) if transposed else (16, F, C))
+    _winograd_filters(W, reference.WINOGRAD_G, U.transpose(0, 2, 1) if transposed else U)
     return U.astype(W.dtype)
 
 
 def winograd_filters_adjoint(dU, dtype):
-    """``reference.winograd_filters_adjoint`` for dU as ((m + 2)^2, F, C): dW (F, C, 3, 3)
-    in ``dtype``."""
-    a = math.isqrt(dU.shape[0])
+    """``reference.winograd_filters_adjoint`` for dU as (16, F, C): dW (F, C, 3, 3) in ``dtype``."""
     dW = np.empty((dU.shape[1], dU.shape[2], 3, 3))
-    _winograd_filters_adjoint(dU, reference.WINOGRAD[a - 2].G, dW)
+    _winograd_filters_adjoint(dU, reference.WINOGRAD_G, dW)
     return dW.astype(dtype)
 
 
@@ -870,19 +766,19 @@ def _next_chunk(x, n, nb, R):
 
 @njit(cache=True)
 def _winograd_input(imgs, pad, BT, R, S, V):
-    """V[a k + l, u] = (B^T d B)[k, l] for every a x a tile d of the chunk, padded by pad."""
-    I, m, C, nb, TH, TQ = R.shape
+    """V[4k + l, u] = (B^T d B)[k, l] for every 4x4 tile d of the chunk, padded by pad."""
+    I, _, C, nb, TH, TQ = R.shape
     n = C * nb * TH * TQ                     # tiles per row or column plane
     _tile_rows(imgs, pad, R)
-    _mix_rows(BT, R.reshape(I * m, n), n, S)
-    _mix_columns(BT, S, m, n, V)
+    _mix_rows(BT, R.reshape(2 * I, n), n, S)
+    _mix_columns(BT, S, n, V)
 
 
 @njit(parallel=True, cache=True)
 def _winograd_forward(x, U, b, pad, BT, AT, y, R, S, V, M, Z):
     N, C = x.shape[0], x.shape[1]
     F = y.shape[1]
-    m, nb, TH, TQ = R.shape[2], R.shape[4], R.shape[5], R.shape[6]   # R: (threads, m + 2, m, C, nb, TH, TW + 1)
+    nb, TH, TQ = R.shape[4], R.shape[5], R.shape[6]   # R: (threads, 4, 2, C, nb, TH, TW + 1)
     TE = nb * TH * TQ                        # tiles per channel in a chunk, extra ones included
     R[:] = 0.0                               # the zero padding, once (see _tile_rows)
     S[:] = 0.0                               # ... and the spare elements past each row
@@ -891,39 +787,35 @@ def _winograd_forward(x, U, b, pad, BT, AT, y, R, S, V, M, Z):
         n = chunk * nb
         imgs = _next_chunk(x, n, nb, R[t])
         _winograd_input(imgs, pad, BT, R[t], S[t], V[t])
-        for kl in range(U.shape[0]):
-            np.dot(U[kl], V[t, kl, :C * TE].reshape(C, TE), M[t, kl, :F * TE].reshape(F, TE))
-        _add_per_row(M[t, _bias_product(m)], b, TE)   # the bias, on the product every output sums (see above)
+        for ab in range(16):
+            np.dot(U[ab], V[t, ab, :C * TE].reshape(C, TE), M[t, ab, :F * TE].reshape(F, TE))
+        _add_per_row(M[t, BIAS_PRODUCT], b, TE)   # the bias, on the product every output sums (see above)
         _mix_rows(AT, M[t], F * TE, Z[t])
         _put_tiles(AT, Z[t], M[t], nb, TQ - 1, y[n:n + imgs.shape[0]])
 
 
-def winograd_conv2d_forward(x, W, b, pad, m=None):
-    """3x3, stride-1 convolution by Winograd F(m x m, 3x3), a few images per thread
-    (m: ``_winograd_tile``'s choice unless given); see
-    ``kernels.reference.winograd_conv3x3_forward`` (the algorithm) and
+def winograd_conv2d_forward(x, W, b, pad):
+    """3x3, stride-1 convolution by Winograd F(2x2, 3x3), a few images per thread;
+    see ``kernels.reference.winograd_conv3x3_forward`` (the algorithm) and
     ``kernels.reference.conv2d_forward`` (what it computes)."""
     N, C, H, Wd = x.shape
     F = W.shape[0]
     OH, OW = H + 2 * pad - 2, Wd + 2 * pad - 2
-    m = _winograd_tile(OH, OW) if m is None else m
-    a = m + 2
-    TH, TW = -(-OH // m), -(-OW // m)
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
     dtype = np.result_type(x, W)
-    nb = _chunk(N, C, F, TH, TW, dtype.itemsize, m)
+    nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
     TE = nb * TH * (TW + 1)
     T = numba.get_num_threads()
-    BT, _, AT = reference.WINOGRAD[m]
-    U = winograd_filters(W.astype(dtype, copy=False), m)
+    U = winograd_filters(W.astype(dtype, copy=False))
     y = np.empty((N, F, OH, OW), dtype=dtype)
-    buffers = (np.empty((T, a, m, C, nb, TH, TW + 1), dtype=dtype),   # R: the rows of every tile row
-               np.empty((T, a * m, _row_length(C * TE)), dtype=dtype),   # S = B^T d
-               np.empty((T, a * a, _row_length(C * TE)), dtype=dtype),   # V = B^T d B
-               np.empty((T, a * a, _row_length(F * TE)), dtype=dtype),   # M = U V
-               np.empty((T, m * a, _row_length(F * TE)), dtype=dtype))   # Z = A^T M
+    buffers = (np.empty((T, 4, 2, C, nb, TH, TW + 1), dtype=dtype),   # R: the rows of every tile row
+               np.empty((T, 8, _row_length(C * TE)), dtype=dtype),   # S = B^T d
+               np.empty((T, 16, _row_length(C * TE)), dtype=dtype),   # V = B^T d B
+               np.empty((T, 16, _row_length(F * TE)), dtype=dtype),   # M = U V
+               np.empty((T, 8, _row_length(F * TE)), dtype=dtype))    # Z = A^T M
     with _one_blas_thread():
         _winograd_forward(np.ascontiguousarray(x, dtype), np.ascontiguousarray(U), np.ascontiguousarray(b, dtype),
-                          pad, BT.astype(dtype), AT.astype(dtype), y, *buffers)
+                          pad, _BT.astype(dtype), _AT.astype(dtype), y, *buffers)
     return y
 
 
@@ -932,10 +824,9 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
                        dU_parts, db_parts, ones):
     N, C = x.shape[0], x.shape[1]
     F = dy.shape[1]
-    blocks, m, nb, TH, TQ = P.shape[0], P.shape[1], P.shape[4], P.shape[5], P.shape[6]
-    a = m + 2
+    blocks, nb, TH, TQ = P.shape[0], P.shape[4], P.shape[5], P.shape[6]
     TE = nb * TH * TQ
-    P[:] = 0.0                               # the tiles of dy past its edge stay 0
+    P[:] = 0.0                               # the 2x2 tiles of dy past its edge stay 0
     dV[:] = 0.0                              # ... and the zero before each plane (_unmix_columns)
     R[:] = 0.0
     S[:] = 0.0
@@ -945,31 +836,30 @@ def _winograd_backward(dy, x, UT, pad, param_grads, need_dx, BT, B, A, dx, P, Q,
         chunks = (N + nb - 1) // nb
         for chunk in range(blk * chunks // blocks, (blk + 1) * chunks // blocks):   # in order:
             n = chunk * nb                   # the same sums on every run
-            # Mbar = A dY A^T for every m x m tile dY of dy: its rows, then its columns
+            # Mbar = A dY A^T for every 2x2 tile dY of dy: its rows, then its columns
             dys = _next_chunk(dy, n, nb, P[blk])
             _tile_rows(dys, 0, P[blk])
-            _mix_rows(A, P[blk].reshape(m * m, F * TE), F * TE, Q[blk])
-            _mix_columns(A, Q[blk], m, F * TE, Mbar[blk])
+            _mix_rows(A, P[blk].reshape(4, F * TE), F * TE, Q[blk])
+            _mix_columns(A, Q[blk], F * TE, Mbar[blk])
             if need_dx:                      # dV = U^T Mbar, then B dV B^T back onto the pixels of dx
-                for kl in range(a * a):      # (every step above, transposed)
-                    np.dot(UT[kl], Mbar[blk, kl, :F * TE].reshape(F, TE),
-                           dV[blk, kl, 1:1 + C * TE].reshape(C, TE))
-                _unmix_columns(BT, dV[blk], m, C * TE, dS[blk])
-                _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(a * m, C * TE))
+                for ab in range(16):         # (every step above, transposed)
+                    np.dot(UT[ab], Mbar[blk, ab, :F * TE].reshape(F, TE),
+                           dV[blk, ab, 1:1 + C * TE].reshape(C, TE))
+                _unmix_columns(BT, dV[blk], C * TE, dS[blk])
+                _mix_rows(B, dS[blk], C * TE, dR[blk].reshape(8, C * TE))
                 _untile_rows(dR[blk], pad, dx[n:n + dys.shape[0]])
-            if param_grads:                  # dU[kl] += Mbar[kl] V[kl]^T, with V = B^T d B of x
+            if param_grads:                  # dU[ab] += Mbar[ab] V[ab]^T, with V = B^T d B of x
                 _winograd_input(_next_chunk(x, n, nb, R[blk]), pad, BT, R[blk], S[blk], V[blk])
-                for kl in range(a * a):
-                    np.dot(Mbar[blk, kl, :F * TE].reshape(F, TE), V[blk, kl, :C * TE].reshape(C, TE).T,
+                for ab in range(16):
+                    np.dot(Mbar[blk, ab, :F * TE].reshape(F, TE), V[blk, ab, :C * TE].reshape(C, TE).T,
                            dU_chunk[blk])
-                    _add_array(dU_parts[blk, kl], dU_chunk[blk])
+                    _add_array(dU_parts[blk, ab], dU_chunk[blk])
                 # db: the sums of dy's tiles, Mbar[1, 1], over each filter's tiles
-                _add_array(db_parts[blk], np.dot(Mbar[blk, _bias_product(m), :F * TE].reshape(F, TE), ones))
+                _add_array(db_parts[blk], np.dot(Mbar[blk, BIAS_PRODUCT, :F * TE].reshape(F, TE), ones))
 
 
-def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True, m=None):
-    """Gradients of ``winograd_conv2d_forward`` (the same m); see
-    ``kernels.reference.winograd_conv3x3_backward``.
+def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True):
+    """Gradients of ``winograd_conv2d_forward``; see ``kernels.reference.winograd_conv3x3_backward``.
 
     dx and dW both start from Mbar = A dY A^T, computed once per chunk. dW and
     db are summed over blocks of consecutive images, one block per thread, and
@@ -977,33 +867,29 @@ def winograd_conv2d_backward(dy, x, W, pad, param_grads=True, need_dx=True, m=No
     """
     N, C, H, Wd = x.shape
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
-    m = _winograd_tile(OH, OW) if m is None else m
-    a = m + 2
-    TH, TW = -(-OH // m), -(-OW // m)
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
     dtype = np.result_type(dy, W)
-    nb = _chunk(N, C, F, TH, TW, dtype.itemsize, m)
+    nb = _chunk(N, C, F, TH, TW, dtype.itemsize)
     TE = nb * TH * (TW + 1)
-    BT, _, AT = reference.WINOGRAD[m]
-    UT = winograd_filters(W.astype(dtype, copy=False), m, transposed=True)
+    UT = winograd_filters(W.astype(dtype, copy=False), transposed=True)
     B = numba.get_num_threads()
     dx = np.empty((N, C, H, Wd) if need_dx else (0, C, H, Wd), dtype=dtype)   # no dx: an empty stand-in
-    dU_parts = np.empty((B, a * a, F, C), dtype=dtype)
+    dU_parts = np.empty((B, 16, F, C), dtype=dtype)
     db_parts = np.empty((B, F), dtype=dtype)
     x_bufs = 1 if param_grads else 0         # no buffers for V when only dx is wanted
     with _one_blas_thread():
         _winograd_backward(
             np.ascontiguousarray(dy, dtype), np.ascontiguousarray(x, dtype), np.ascontiguousarray(UT), pad,
-            param_grads, need_dx, BT.astype(dtype), np.ascontiguousarray(BT.T, dtype),
-            np.ascontiguousarray(AT.T, dtype), dx,
-            np.empty((B, m, m, F, nb, TH, TW + 1), dtype=dtype),         # P: rows of dy's m x m tiles
-            np.empty((B, a * m, _row_length(F * TE)), dtype=dtype),      # Q = A dY
-            np.empty((B, a * a, _row_length(F * TE)), dtype=dtype),      # Mbar = A dY A^T
-            np.empty((B, a * a, 1 + _row_length(C * TE)), dtype=dtype),  # dV = U^T Mbar, after a 0
-            np.empty((B, a * m, _row_length(C * TE)), dtype=dtype),      # dS = dV B^T
-            np.empty((B, a, m, C, nb, TH, TW + 1), dtype=dtype),         # dR = B dS
-            np.empty((B, a, m, C, nb * x_bufs, TH, TW + 1), dtype=dtype),  # R: rows of x's tile rows
-            np.empty((B, a * m, _row_length(C * TE) * x_bufs), dtype=dtype),  # S = B^T d
-            np.empty((B, a * a, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
+            param_grads, need_dx, _BT.astype(dtype), np.ascontiguousarray(_BT.T, dtype), _A.astype(dtype), dx,
+            np.empty((B, 2, 2, F, nb, TH, TW + 1), dtype=dtype),         # P: rows of dy's 2x2 tiles
+            np.empty((B, 8, _row_length(F * TE)), dtype=dtype),          # Q = A dY
+            np.empty((B, 16, _row_length(F * TE)), dtype=dtype),         # Mbar = A dY A^T
+            np.empty((B, 16, 1 + _row_length(C * TE)), dtype=dtype),     # dV = U^T Mbar, after a 0
+            np.empty((B, 8, _row_length(C * TE)), dtype=dtype),          # dS = dV B^T
+            np.empty((B, 4, 2, C, nb, TH, TW + 1), dtype=dtype),         # dR = B dS
+            np.empty((B, 4, 2, C, nb * x_bufs, TH, TW + 1), dtype=dtype),  # R: rows of x's tile rows
+            np.empty((B, 8, _row_length(C * TE) * x_bufs), dtype=dtype),   # S = B^T d
+            np.empty((B, 16, _row_length(C * TE) * x_bufs), dtype=dtype),  # V = B^T d B
             np.empty((B, F, C), dtype=dtype), dU_parts, db_parts,        # one chunk's Mbar V^T, and the sums
             np.ones(TE, dtype=dtype))
     dx = dx if need_dx else None
@@ -1184,8 +1070,8 @@ def _conv2d_forward(x, Wm, b, KH, KW, stride, pad, y, cols):
 def conv2d_forward(x, W, b, stride, pad):
     """Fast convolution, one image per thread; see ``kernels.reference.conv2d_forward``.
 
-    3x3 filters at stride 1 on several channels go to Winograd F(2x2, 3x3) or
-    F(4x4, 3x3) (``winograd_conv2d_forward``), on one or two channels to direct loops
+    3x3 filters at stride 1 on several channels go to Winograd F(2x2, 3x3)
+    (``winograd_conv2d_forward``), on one or two channels to direct loops
     (``direct_conv2d_forward``), everything else to im2col and one product.
     """
     if _winograd_applies(W, stride, pad):

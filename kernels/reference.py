@@ -16,8 +16,6 @@ Max pooling keeps, for every output pixel, the flat position ``kh * KW + kw``
 of the maximum inside its window (the first one on ties); the backward pass
 sends each incoming gradient back to that position.
 """
-from typing import NamedTuple
-
 import numpy as np
 
 
@@ -179,92 +177,46 @@ def conv2d_backward(dy, x, W, stride, pad, param_grads=True, need_dx=True, im2co
     return dx, dW, db
 
 
-# ===== Winograd F(m x m, 3x3): the same 3x3 convolution with fewer multiplications =====
+# ===== Winograd F(2x2, 3x3): the same 3x3 convolution with fewer multiplications =====
 #
 # Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016
-# (arXiv:1509.09308). Cut the output into m x m tiles; each needs the
-# (m + 2) x (m + 2) input tile d around it. For one channel and one filter g
-# (3x3) the tile is
+# (arXiv:1509.09308). Cut the output into 2x2 tiles; each needs the 4x4 input
+# tile d around it. For one channel and one filter g (3x3) the tile is
 #
-#     Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, (m + 2) x (m + 2))
+#     Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, 4x4)
 #
-# Summed over channels, the elementwise product becomes, for each of the
-# (m + 2)^2 positions (a, b) of the tile, one matrix product over channels:
-# M[a, b] (F, tiles) = U[a, b] (F, C) @ V[a, b] (C, tiles). An m x m output tile
-# so costs (m + 2)^2 multiply-adds per (channel, filter) instead of 9 m^2:
-#
-#   F(2x2, 3x3): 16 instead of 36, 2.25x fewer;
-#   F(4x4, 3x3): 36 instead of 144, 4x fewer, 1.78x fewer than F(2x2, 3x3).
-#
-# The transforms with B^T, G and A^T only add and scale by small integers (or,
-# for G, by fractions), and are done once per tile and channel (or filter), not
-# once per channel *and* filter. Larger tiles cost accuracy: F(4x4, 3x3)
-# multiplies by up to 8 and 5 where F(2x2, 3x3) only adds, so its float32
-# rounding errors are about twenty times larger (about 5e-6 of the largest
-# output, measured in kernels/cpu.py; 2e-7 for F(2x2, 3x3)).
+# Summed over channels, the elementwise product becomes, for each of the 16
+# positions (a, b) of the 4x4 tile, one matrix product over channels:
+# M[a, b] (F, tiles) = U[a, b] (F, C) @ V[a, b] (C, tiles). So a 2x2 output tile
+# costs 16 multiply-adds per (channel, filter) instead of 2 * 2 * 9 = 36: 2.25x
+# fewer. The transforms with B^T, G and A^T only add and halve numbers, and are
+# done once per tile and channel (or filter), not once per channel *and* filter.
 
-class WinogradMatrices(NamedTuple):
-    """The three transforms of Winograd's F(m x m, 3x3)."""
-    BT: np.ndarray      # (m + 2, m + 2): input tile  d -> B^T d B
-    G: np.ndarray       # (m + 2, 3):     filter      g -> G g G^T
-    AT: np.ndarray      # (m, m + 2):     product     m -> A^T m A
+WINOGRAD_BT = np.array([[1, 0, -1, 0],
+                        [0, 1, 1, 0],
+                        [0, -1, 1, 0],
+                        [0, 1, 0, -1]], dtype=np.float64)   # input tile  d (4x4) -> B^T d B
+WINOGRAD_G = np.array([[1, 0, 0],
+                       [0.5, 0.5, 0.5],
+                       [0.5, -0.5, 0.5],
+                       [0, 0, 1]], dtype=np.float64)       # filter      g (3x3) -> G g G^T
+WINOGRAD_AT = np.array([[1, 1, 1, 0],
+                        [0, 1, -1, -1]], dtype=np.float64)  # product     m (4x4) -> A^T m A (2x2)
 
 
-WINOGRAD = {
-    # m = 2: interpolation points 0, 1, -1 and infinity
-    2: WinogradMatrices(
-        BT=np.array([[1, 0, -1, 0],
-                     [0, 1, 1, 0],
-                     [0, -1, 1, 0],
-                     [0, 1, 0, -1]], dtype=np.float64),
-        G=np.array([[1, 0, 0],
-                    [0.5, 0.5, 0.5],
-                    [0.5, -0.5, 0.5],
-                    [0, 0, 1]], dtype=np.float64),
-        AT=np.array([[1, 1, 1, 0],
-                     [0, 1, -1, -1]], dtype=np.float64)),
-    # m = 4: points 0, 1, -1, 2, -2 and infinity (Lavin and Gray's section 4.2)
-    4: WinogradMatrices(
-        BT=np.array([[4, 0, -5, 0, 1, 0],
-                     [0, -4, -4, 1, 1, 0],
-                     [0, 4, -4, -1, 1, 0],
-                     [0, -2, -1, 2, 1, 0],
-                     [0, 2, -1, -2, 1, 0],
-                     [0, 4, 0, -5, 0, 1]], dtype=np.float64),
-        G=np.array([[1 / 4, 0, 0],
-                    [-1 / 6, -1 / 6, -1 / 6],
-                    [-1 / 6, 1 / 6, -1 / 6],
-                    [1 / 24, 1 / 12, 1 / 6],
-                    [1 / 24, -1 / 12, 1 / 6],
-                    [0, 0, 1]], dtype=np.float64),
-        AT=np.array([[1, 1, 1, 1, 1, 0],
-                     [0, 1, -1, 2, -2, 0],
-                     [0, 1, 1, 4, 4, 0],
-                     [0, 1, -1, 8, -8, 1]], dtype=np.float64)),
-}
-
-
-def _winograd_matrices(m):
-    if m not in WINOGRAD:
-        raise ValueError(f"Winograd F(m x m, 3x3): expected an output tile m in {sorted(WINOGRAD)}, got {m}")
-    return WINOGRAD[m]
-
-
-def winograd_filters(W, m=2):
+def winograd_filters(W):
     """U = G g G^T for every filter and channel.
 
     Parameters
     ----------
     W : (F, C, 3, 3) array
-    m : output tile size (2 or 4)
 
     Returns
     -------
-    U : (m + 2, m + 2, F, C) array, W's dtype (computed in float64, so a float32 U
-        is the correctly rounded transform)
+    U : (4, 4, F, C) array, W's dtype (computed in float64, so a float32 U is
+        the correctly rounded transform)
     """
-    G = _winograd_matrices(m).G
-    U = np.einsum("ak,fckl,bl->abfc", G, W.astype(np.float64), G)
+    U = np.einsum("ak,fckl,bl->abfc", WINOGRAD_G, W.astype(np.float64), WINOGRAD_G)
     return U.astype(W.dtype)
 
 
@@ -273,29 +225,28 @@ def winograd_filters_adjoint(dU, dtype):
 
     Parameters
     ----------
-    dU : (m + 2, m + 2, F, C) array, gradient w.r.t. U (its size gives m)
+    dU : (4, 4, F, C) array, gradient w.r.t. U
 
     Returns
     -------
     dW : (F, C, 3, 3) array of ``dtype``
     """
-    G = _winograd_matrices(dU.shape[0] - 2).G
-    dW = np.einsum("ak,abfc,bl->fckl", G, dU.astype(np.float64), G)
+    dW = np.einsum("ak,abfc,bl->fckl", WINOGRAD_G, dU.astype(np.float64), WINOGRAD_G)
     return dW.astype(dtype)
 
 
-def _winograd_tiles(x, pad, TH, TW, size, step):
-    """The (size x size) tiles of x padded by ``pad``, one every ``step`` pixels:
+def _winograd_tiles(x, pad, TH, TW, size):
+    """The (size x size) tiles of x padded by ``pad``, one every 2 pixels:
     (N, C, H, W) -> (N, C, TH, TW, size, size); pixels past the image are zero."""
     N, C, H, W = x.shape
-    xp = np.zeros((N, C, step * (TH - 1) + size, step * (TW - 1) + size), dtype=x.dtype)
+    xp = np.zeros((N, C, 2 * TH + size - 2, 2 * TW + size - 2), dtype=x.dtype)
     xp[:, :, pad:pad + H, pad:pad + W] = x
     tiles = np.lib.stride_tricks.sliding_window_view(xp, (size, size), axis=(2, 3))
-    return tiles[:, :, ::step, ::step][:, :, :TH, :TW]
+    return tiles[:, :, ::2, ::2][:, :, :TH, :TW]
 
 
-def winograd_conv3x3_forward(x, W, b, pad, m=2):
-    """A 3x3, stride-1 convolution by Winograd F(m x m, 3x3); equals ``conv2d_forward(x, W, b, 1, pad)``.
+def winograd_conv3x3_forward(x, W, b, pad):
+    """A 3x3, stride-1 convolution by Winograd F(2x2, 3x3); equals ``conv2d_forward(x, W, b, 1, pad)``.
 
     Parameters
     ----------
@@ -303,35 +254,33 @@ def winograd_conv3x3_forward(x, W, b, pad, m=2):
     W : (F, C, 3, 3) array
     b : (F,) array
     pad : int, zero padding on every side
-    m : output tile size (2 or 4)
 
     Returns
     -------
-    y : (N, F, OH, OW) array, OH = H + 2 pad - 2; an OH or OW that is not a
-        multiple of m is computed as the next multiple and cut back
+    y : (N, F, OH, OW) array, OH = H + 2 pad - 2; an odd OH or OW is computed as
+        the next even size and cut back
     """
-    BT, _, AT = _winograd_matrices(m)
     N, C, H, Wd = x.shape
     OH, OW = H + 2 * pad - 2, Wd + 2 * pad - 2
-    TH, TW = -(-OH // m), -(-OW // m)
-    d = _winograd_tiles(x, pad, TH, TW, m + 2, m)                           # (N, C, TH, TW, m + 2, m + 2)
-    V = np.einsum("ai,nctsij,bj->abncts", BT, d, BT)                        # B^T d B
-    U = winograd_filters(W, m)                                              # G g G^T
-    M = np.einsum("abfc,abncts->abnfts", U, V)                              # (m + 2)^2 products over channels
-    Y = np.einsum("ia,abnfts,jb->nftisj", AT, M, AT)                        # A^T m A
-    y = Y.reshape(N, W.shape[0], m * TH, m * TW)[:, :, :OH, :OW] + b[:, None, None]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    d = _winograd_tiles(x, pad, TH, TW, 4)                                  # (N, C, TH, TW, 4, 4)
+    V = np.einsum("ai,nctsij,bj->abncts", WINOGRAD_BT, d, WINOGRAD_BT)      # B^T d B
+    U = winograd_filters(W)                                                 # G g G^T
+    M = np.einsum("abfc,abncts->abnfts", U, V)                              # 16 products over channels
+    Y = np.einsum("ia,abnfts,jb->nftisj", WINOGRAD_AT, M, WINOGRAD_AT)      # A^T m A
+    y = Y.reshape(N, W.shape[0], 2 * TH, 2 * TW)[:, :, :OH, :OW] + b[:, None, None]
     return y.astype(np.result_type(x, W))
 
 
-def winograd_conv3x3_backward(dy, x, W, pad, param_grads=True, m=2):
+def winograd_conv3x3_backward(dy, x, W, pad, param_grads=True):
     """Gradients of ``winograd_conv3x3_forward``; equal ``conv2d_backward(dy, x, W, 1, pad)``.
 
     Every step of the forward pass is linear, so the backward pass runs the
-    same algebra transposed. With Mbar = A dY A^T for every m x m tile dY of dy
+    same algebra transposed. With Mbar = A dY A^T for every 2x2 tile dY of dy
     (the adjoint of Y = A^T M A):
 
-        dV[a, b] = U[a, b]^T Mbar[a, b]        (the products, transposed)
-        dd = B dV B^T, added back onto the input tile it came from
+        dV[a, b] = U[a, b]^T Mbar[a, b]        (the 16 products, transposed)
+        dd = B dV B^T, added back onto the 4x4 input tile it came from
         dU[a, b] = sum over tiles of Mbar[a, b] V[a, b]^T,   dW = G^T dU G
 
     Parameters
@@ -341,29 +290,27 @@ def winograd_conv3x3_backward(dy, x, W, pad, param_grads=True, m=2):
     W : (F, C, 3, 3) array
     pad : int
     param_grads : bool; False skips dW and db (returned as None)
-    m : output tile size (2 or 4)
 
     Returns
     -------
     dx : (N, C, H, W);  dW : (F, C, 3, 3);  db : (F,)
     """
-    BT, _, AT = _winograd_matrices(m)
     N, C, H, Wd = x.shape
     OH, OW = dy.shape[2:]
-    TH, TW = -(-OH // m), -(-OW // m)
-    dY = _winograd_tiles(dy, 0, TH, TW, m, m)                               # (N, F, TH, TW, m, m)
-    Mbar = np.einsum("ai,nftsij,bj->abnfts", AT.T, dY, AT.T)                # A dY A^T
-    dV = np.einsum("abfc,abnfts->abncts", winograd_filters(W, m), Mbar)     # U^T Mbar
-    dd = np.einsum("ai,abncts,bj->nctsij", BT, dV, BT)                      # B dV B^T
-    dxp = np.zeros((N, C, m * TH + 2, m * TW + 2), dtype=dd.dtype)
-    for i in range(m + 2):               # neighbouring tiles share two pixels: add, as col2im does
-        for j in range(m + 2):
-            dxp[:, :, i:i + m * TH:m, j:j + m * TW:m] += dd[..., i, j]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    dY = _winograd_tiles(dy, 0, TH, TW, 2)                                  # (N, F, TH, TW, 2, 2)
+    Mbar = np.einsum("ai,nftsij,bj->abnfts", WINOGRAD_AT.T, dY, WINOGRAD_AT.T)   # A dY A^T
+    dV = np.einsum("abfc,abnfts->abncts", winograd_filters(W), Mbar)        # U^T Mbar
+    dd = np.einsum("ai,abncts,bj->nctsij", WINOGRAD_BT, dV, WINOGRAD_BT)    # B dV B^T
+    dxp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=dd.dtype)
+    for i in range(4):                   # tiles overlap by two pixels: add, as col2im does
+        for j in range(4):
+            dxp[:, :, i:i + 2 * TH:2, j:j + 2 * TW:2] += dd[..., i, j]
     dx = dxp[:, :, pad:pad + H, pad:pad + Wd].astype(np.result_type(dy, W))
     if not param_grads:
         return dx, None, None
-    d = _winograd_tiles(x, pad, TH, TW, m + 2, m)
-    V = np.einsum("ai,nctsij,bj->abncts", BT, d, BT)
+    d = _winograd_tiles(x, pad, TH, TW, 4)
+    V = np.einsum("ai,nctsij,bj->abncts", WINOGRAD_BT, d, WINOGRAD_BT)
     dU = np.einsum("abnfts,abncts->abfc", Mbar, V)
     return dx, winograd_filters_adjoint(dU, dx.dtype), dy.sum(axis=(0, 2, 3))
 

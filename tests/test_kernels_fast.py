@@ -1,7 +1,7 @@
 """The whole-layer kernels (convolution, ReLU) against their references.
 
-``kernels/cpu.py`` runs a convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3)
-(3x3 filters, stride 1, at least ``WINOGRAD_MIN_CHANNELS`` input channels), by direct loops
+``kernels/cpu.py`` runs a convolution by Winograd F(2x2, 3x3) (3x3 filters,
+stride 1, at least ``WINOGRAD_MIN_CHANNELS`` input channels), by direct loops
 (the forward pass of 3x3 filters at stride 1 on at most ``DIRECT_MAX_CHANNELS``
 channels) or by im2col one image per thread; these tests hold all three to ``kernels/reference.py``
 (im2col and one big matrix product) on odd shapes, strides, paddings and batch
@@ -39,23 +39,8 @@ CONV_CASES = [
     (2, 17, 4, 4, 2, 3, 3, 1, 3),    # padding 3: tiles of nothing but zeros
     (2, 16, 3, 3, 2, 3, 3, 1, 0),    # a 1x1 output: one tile, three quarters outside
     (9, 32, 12, 12, 64, 3, 3, 1, 0), # the network's third layer; 9 images split into chunks unevenly
-    # ... and F(4x4, 3x3) where the output's sides are multiples of 4, at least 12
     (3, 32, 26, 26, 32, 3, 3, 1, 0), # the network's second layer
-    (2, 16, 12, 16, 3, 3, 3, 1, 1),  # padding 1: not a multiple of 4 (rows split by strided copies)
-    (3, 16, 6, 10, 4, 3, 3, 1, 4),   # padding 4: a multiple of 4 (word pairs, shifted by a tile)
-    (5, 16, 14, 14, 2, 3, 3, 1, 0),  # 12x12, the smallest output F(4x4, 3x3) takes
 ]
-
-
-def _assert_close(got, want, dtype, atol, err_msg=""):
-    """Within ``rtol`` (1e-4 in float32, 1e-12 in float64) or ``atol``; in float32 also within
-    1e-5 of the largest |want|: Winograd F(4x4, 3x3) rounds to about 5e-6 of it (its
-    transforms multiply by up to 8; see kernels/cpu.py), where every other path here
-    stays within the absolute tolerance."""
-    if dtype == np.float32:
-        atol = max(atol, 1e-5 * float(np.abs(want).max(initial=0)))
-    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=atol,
-                               err_msg=err_msg)
 
 
 @pytest.fixture(params=["cpu", "generic", "gpu"])
@@ -82,12 +67,12 @@ def test_conv2d_matches_reference(conv_impl, case, dtype):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((F, C, KH, KW)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
-    atol = 1e-4 if dtype == np.float32 else 1e-12
+    rtol, atol = (1e-4, 1e-4) if dtype == np.float32 else (1e-12, 1e-12)
 
     want_y = reference.conv2d_forward(x, w, b, stride, pad)
     got_y = forward(xp.asarray(x), xp.asarray(w), xp.asarray(b), stride, pad)
     assert got_y.shape == want_y.shape and got_y.dtype == dtype
-    _assert_close(got_y, want_y, dtype, atol)
+    np.testing.assert_allclose(to_numpy(got_y), want_y, rtol=rtol, atol=atol)
 
     dy = rng.standard_normal(want_y.shape).astype(dtype)
     dy_before = dy.copy()
@@ -96,17 +81,17 @@ def test_conv2d_matches_reference(conv_impl, case, dtype):
     np.testing.assert_array_equal(dy, dy_before)
     for name, g, r in zip(("dx", "dW", "db"), got, want):
         assert g.shape == r.shape and g.dtype == dtype, name
-        _assert_close(g, r, dtype, atol * N * H * W, err_msg=name)
+        np.testing.assert_allclose(to_numpy(g), r, rtol=rtol, atol=atol * N * H * W, err_msg=name)
 
     dx_only, dW, db = backward(xp.asarray(dy), xp.asarray(x), xp.asarray(w), stride, pad, False)
     assert dW is None and db is None
-    _assert_close(dx_only, want[0], dtype, atol)
+    np.testing.assert_allclose(to_numpy(dx_only), want[0], rtol=rtol, atol=atol)
 
     # need_dx=False (a first layer in training): no dx, the same parameter gradients
     no_dx, dW, db = backward(xp.asarray(dy), xp.asarray(x), xp.asarray(w), stride, pad, True, False)
     assert no_dx is None
     for name, g, r in (("dW", dW, want[1]), ("db", db, want[2])):
-        _assert_close(g, r, dtype, atol * N * H * W, err_msg=name)
+        np.testing.assert_allclose(to_numpy(g), r, rtol=rtol, atol=atol * N * H * W, err_msg=name)
 
 
 def test_conv2d_backward_is_the_adjoint_of_forward():
@@ -122,7 +107,7 @@ def test_conv2d_backward_is_the_adjoint_of_forward():
     assert abs(np.sum(y * dy) - np.sum(w * dW)) < 1e-10 * np.sum(np.abs(y * dy))   # linear in w too
 
 
-# ===== Winograd F(m x m, 3x3), m = 2 and 4 =====
+# ===== Winograd F(2x2, 3x3) =====
 
 def _winograd_case(N, C, H, W, F, dtype, seed=0):
     rng = np.random.default_rng(seed)
@@ -141,52 +126,43 @@ def test_cpu_sends_the_papernot_layers_to_the_intended_algorithm():
     assert not cpu._winograd_applies(np.zeros((4, 32, 3, 3)), 2, 1)    # stride 2
     assert not cpu._winograd_applies(np.zeros((4, 32, 5, 5)), 1, 2)    # 5x5
     assert not cpu._winograd_applies(np.zeros((4, 8, 3, 3)), 1, 1)     # too few channels to pay off
-    # the tile: F(4x4, 3x3) for conv2's 24x24 output, F(2x2, 3x3) for conv3's 10x10 and conv4's 8x8
-    assert [cpu._winograd_tile(s, s) for s in (24, 10, 8)] == [4, 2, 2]
-    assert [cpu._winograd_tile(*s) for s in ((12, 12), (12, 16), (16, 18), (13, 12), (7, 9))] == [4, 4, 2, 2, 2]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(2, 3, 7, 8, 4, 0), (3, 2, 9, 6, 3, 1), (2, 1, 5, 5, 2, 2), (1, 2, 3, 4, 2, 3),
                                    (4, 6, 12, 12, 5, 0)])
-@pytest.mark.parametrize("m", [2, 4])
-def test_reference_winograd_is_the_convolution(shape, dtype, m):
-    """The NumPy Winograd (the algorithm's specification) equals the im2col convolution, for
-    both tile sizes (it computes in float64, so float32 is close too)."""
+def test_reference_winograd_is_the_convolution(shape, dtype):
+    """The NumPy Winograd (the algorithm's specification) equals the im2col convolution."""
     N, C, H, W, F, pad = shape
     x, w, b = _winograd_case(N, C, H, W, F, dtype)
     rtol, atol = (1e-5, 1e-5) if dtype == np.float32 else (1e-12, 1e-12)
-    y = reference.winograd_conv3x3_forward(x, w, b, pad, m=m)
+    y = reference.winograd_conv3x3_forward(x, w, b, pad)
     assert y.dtype == dtype
     np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=rtol, atol=atol)
     dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
-    for name, got, want in zip(("dx", "dW", "db"), reference.winograd_conv3x3_backward(dy, x, w, pad, m=m),
+    for name, got, want in zip(("dx", "dW", "db"), reference.winograd_conv3x3_backward(dy, x, w, pad),
                                reference.conv2d_backward(dy, x, w, 1, pad)):
         assert got.dtype == dtype, name
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * N * H * W, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(5, 1, 6, 7, 3, 1), (3, 3, 9, 9, 2, 0), (0, 4, 8, 8, 2, 1),
-                                   (3, 2, 6, 8, 3, 0),    # width a multiple of 4: rows split as word pairs (m = 4)
-                                   (2, 2, 6, 6, 2, 0),    # ... 4 k + 2: the last word holds phases 0 and 1
-                                   (2, 3, 5, 10, 2, 4)])  # padding 4: word pairs a tile further on
-@pytest.mark.parametrize("m", [2, 4])
-def test_cpu_winograd_kernels_match_the_reference_algorithm(shape, dtype, m):
-    """Called directly with either tile size, the CPU Winograd kernels take any channel count
-    (even the first layer's one), any output size and an empty batch."""
+@pytest.mark.parametrize("shape", [(5, 1, 6, 7, 3, 1), (3, 3, 9, 9, 2, 0), (0, 4, 8, 8, 2, 1)])
+def test_cpu_winograd_kernels_match_the_reference_algorithm(shape, dtype):
+    """Called directly, the CPU Winograd kernels take any channel count (even the first
+    layer's one) and an empty batch."""
     from scratchnet.kernels import cpu
     N, C, H, W, F, pad = shape
     x, w, b = _winograd_case(N, C, H, W, F, dtype)
-    atol = 1e-4 if dtype == np.float32 else 1e-12
-    y = cpu.winograd_conv2d_forward(x, w, b, pad, m=m)
-    _assert_close(y, reference.winograd_conv3x3_forward(x, w, b, pad, m=m), dtype, atol)
+    rtol, atol = (1e-4, 1e-4) if dtype == np.float32 else (1e-12, 1e-12)
+    y = cpu.winograd_conv2d_forward(x, w, b, pad)
+    np.testing.assert_allclose(y, reference.winograd_conv3x3_forward(x, w, b, pad), rtol=rtol, atol=atol)
     dy = np.random.default_rng(2).standard_normal(y.shape).astype(dtype)
-    got = cpu.winograd_conv2d_backward(dy, x, w, pad, m=m)
-    want = reference.winograd_conv3x3_backward(dy, x, w, pad, m=m)
+    got = cpu.winograd_conv2d_backward(dy, x, w, pad)
+    want = reference.winograd_conv3x3_backward(dy, x, w, pad)
     for name, g, r in zip(("dx", "dW", "db"), got, want):
         assert g.shape == r.shape and g.dtype == dtype, name
-        _assert_close(g, r, dtype, atol * max(N, 1) * H * W, err_msg=name)
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * max(N, 1) * H * W, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -203,14 +179,13 @@ def test_cpu_direct_forward_matches_the_reference(shape, dtype):
     np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("size, m", [(10, 2), (14, 4)])
-def test_winograd_chunks_of_images_give_the_same_result(monkeypatch, size, m):
+def test_winograd_chunks_of_images_give_the_same_result(monkeypatch):
     """A thread takes several images per chunk; chunks of 1, 3 (10 images: a short last
-    chunk) and 10 images all give the reference's numbers, with either tile size."""
+    chunk) and 10 images all give the reference's numbers."""
     from scratchnet.kernels import cpu
-    x, w, b = _winograd_case(10, 16, size, size, 6, np.float64)
-    assert cpu._winograd_applies(w, 1, 0) and cpu._winograd_tile(size - 2, size - 2) == m
-    dy = np.random.default_rng(3).standard_normal((10, 6, size - 2, size - 2))
+    x, w, b = _winograd_case(10, 16, 10, 10, 6, np.float64)
+    assert cpu._winograd_applies(w, 1, 0)
+    dy = np.random.default_rng(3).standard_normal((10, 6, 8, 8))
     want_y = reference.conv2d_forward(x, w, b, 1, 0)
     want = reference.conv2d_backward(dy, x, w, 1, 0)
     for images in (1, 3, 10):
@@ -225,8 +200,7 @@ def test_winograd_chunks_of_images_give_the_same_result(monkeypatch, size, m):
 
 def test_winograd_chunk_size_fits_the_budget():
     from scratchnet.kernels import cpu
-    assert cpu._chunk(128, 32, 32, 6, 6, 4, 4) == 4           # the second layer, F(4x4, 3x3): 4 images a chunk
-    assert cpu._chunk(128, 32, 32, 12, 12, 4) == 1            # ... in F(2x2, 3x3) it would take one
+    assert cpu._chunk(128, 32, 32, 12, 12, 4) == 1            # the second layer: one image per chunk
     assert 2 <= cpu._chunk(128, 64, 64, 4, 4, 4) <= 8         # the fourth: several
     assert cpu._chunk(3, 64, 64, 4, 4, 4) <= 3                # never more than the batch
     assert cpu._chunk(0, 64, 64, 4, 4, 4) == 1
@@ -234,57 +208,48 @@ def test_winograd_chunk_size_fits_the_budget():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("F, C", [(32, 32), (64, 32), (3, 5), (1, 1)])
-@pytest.mark.parametrize("m", [2, 4])
-def test_cpu_filter_transforms_match_the_reference(F, C, dtype, m):
+def test_cpu_filter_transforms_match_the_reference(F, C, dtype):
     """U = G g G^T and its adjoint G^T dU G: the CPU loops against the reference's einsums,
-    in both layouts the products use (U[kl] and U[kl]^T). float32 is the rounding of
-    float64 sums: for m = 2 (G's entries 1 and 1/2) the same bits; for m = 4 (1/6, 1/24)
-    the float64 sums differ in their last bits with the order of the terms, so a float32
-    value can round one unit the other way."""
+    in both layouts the products use (U[ab] and U[ab]^T). float32 is the same rounding
+    of float64 sums, so it agrees to the bit."""
     from scratchnet.kernels import cpu
     rng = np.random.default_rng(8)
-    a = m + 2
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
-    dU = rng.standard_normal((a, a, F, C)).astype(dtype)
-    want_U = reference.winograd_filters(w, m).reshape(a * a, F, C)
+    dU = rng.standard_normal((4, 4, F, C)).astype(dtype)
+    want_U = reference.winograd_filters(w).reshape(16, F, C)
     want_dW = reference.winograd_filters_adjoint(dU, dtype)
-    U, UT = cpu.winograd_filters(w, m), cpu.winograd_filters(w, m, transposed=True)
-    dW = cpu.winograd_filters_adjoint(dU.reshape(a * a, F, C), dtype)
+    U, UT = cpu.winograd_filters(w), cpu.winograd_filters(w, transposed=True)
+    dW = cpu.winograd_filters_adjoint(dU.reshape(16, F, C), dtype)
     assert U.dtype == UT.dtype == dW.dtype == dtype
-    assert U.shape == (a * a, F, C) and UT.shape == (a * a, C, F) and dW.shape == (F, C, 3, 3)
+    assert U.shape == (16, F, C) and UT.shape == (16, C, F) and dW.shape == (F, C, 3, 3)
     np.testing.assert_array_equal(UT, U.transpose(0, 2, 1))
-    if dtype == np.float32 and m == 2:
+    if dtype == np.float32:
         np.testing.assert_array_equal(U, want_U)
         np.testing.assert_array_equal(dW, want_dW)
-    elif dtype == np.float32:
-        np.testing.assert_array_max_ulp(U, want_U, maxulp=1)
-        np.testing.assert_array_max_ulp(dW, want_dW, maxulp=1)
     else:
         np.testing.assert_allclose(U, want_U, rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(dW, want_dW, rtol=1e-14, atol=1e-14)
 
 
-@pytest.mark.parametrize("H, W, m", [(9, 8, 2), (12, 16, 4)])
-def test_winograd_backward_is_the_adjoint_of_forward(H, W, m):
+def test_winograd_backward_is_the_adjoint_of_forward():
     """<conv(x), dy> == <x, dx> and == <W, dW> (no bias) through the Winograd kernels."""
     from scratchnet.kernels import cpu
-    x, w, _ = _winograd_case(6, 16, H, W, 4, np.float64, seed=4)
+    x, w, _ = _winograd_case(6, 16, 9, 8, 4, np.float64, seed=4)
     y = cpu.conv2d_forward(x, w, np.zeros(4), 1, 1)
     dy = np.random.default_rng(5).standard_normal(y.shape)
     dx, dW, _ = cpu.conv2d_backward(dy, x, w, 1, 1)
-    assert cpu._winograd_applies(w, 1, 1) and cpu._winograd_tile(H, W) == m
+    assert cpu._winograd_applies(w, 1, 1)
     assert abs(np.sum(y * dy) - np.sum(x * dx)) < 1e-10 * np.sum(np.abs(y * dy))
     assert abs(np.sum(y * dy) - np.sum(w * dW)) < 1e-10 * np.sum(np.abs(y * dy))
 
 
-@pytest.mark.parametrize("size", [12, 14])
-def test_winograd_gradients_are_the_same_numbers_every_run(size):
+def test_winograd_gradients_are_the_same_numbers_every_run():
     """dW and db are sums over the batch; they are added in a fixed order, so two runs agree
-    to the last bit (what makes training reproducible), with either tile size."""
+    to the last bit (what makes training reproducible)."""
     from scratchnet.kernels import cpu
-    x, w, _ = _winograd_case(37, 16, size, size, 8, np.float32, seed=6)
+    x, w, _ = _winograd_case(37, 16, 12, 12, 8, np.float32, seed=6)
     assert cpu._winograd_applies(w, 1, 0)
-    dy = np.random.default_rng(7).standard_normal((37, 8, size - 2, size - 2)).astype(np.float32)
+    dy = np.random.default_rng(7).standard_normal((37, 8, 10, 10)).astype(np.float32)
     first = cpu.conv2d_backward(dy, x, w, 1, 0)
     for _ in range(3):
         for a, b in zip(first, cpu.conv2d_backward(dy, x, w, 1, 0)):
