@@ -150,7 +150,9 @@ def announce(settings, name, seconds_per_model_quick, seconds_per_model_full):
 
     ``seconds_per_model_*``: training one model plus this script's measurements on
     it, as measured on the project's quiet 2-core machine (a full model trains in
-    about 3.5 min, a --quick one in about 25 s).
+    2 min 41 s, and grad_vs_T --quick trains and measures its five models in 85 s,
+    with this round's kernels; the other studies' figures date from earlier, slower
+    rounds, and err long).
     """
     n_models = count_models(settings)
     per = seconds_per_model_quick if settings["quick"] else seconds_per_model_full

@@ -255,7 +255,9 @@ def main():
     settings = common.settings_from(args, QUICK, FULL)
     out = args.out or os.path.join("results", "grad_vs_T_quick" if settings["quick"] else "grad_vs_T")
     common.check_output(out)                  # before any model is trained
-    common.announce(settings, "grad_vs_T", seconds_per_model_quick=40, seconds_per_model_full=240)
+    # measured on the quiet 2-core machine: --quick from an empty cache in 85 s for its 5 models;
+    # a full model trains in 2 min 41 s, and its gradients on 1,000 images take seconds
+    common.announce(settings, "grad_vs_T", seconds_per_model_quick=20, seconds_per_model_full=180)
 
     data = common.load_data(args)
     x, y = common.test_subset(data, settings["n"])
