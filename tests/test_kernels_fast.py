@@ -165,18 +165,18 @@ def test_cpu_winograd_kernels_match_the_reference_algorithm(shape, dtype):
         np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * max(N, 1) * H * W, err_msg=name)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(5, 1, 28, 28, 4, 0), (3, 5, 7, 9, 3, 1), (4, 3, 5, 6, 2, 2), (2, 1, 3, 3, 2, 0),
-                                   (0, 2, 5, 5, 2, 1)])
-def test_cpu_direct_forward_matches_the_reference(shape, dtype):
-    """Called directly, the direct loops take any channel count and padding, and an empty batch."""
+def test_cpu_direct_forward_matches_the_reference():
+    """Called directly, the direct loops take any channel count and padding (beyond the
+    layers conv2d_forward sends them), and an empty batch."""
     from scratchnet.kernels import cpu
-    N, C, H, W, F, pad = shape
-    x, w, b = _winograd_case(N, C, H, W, F, dtype)
-    rtol, atol = (1e-5, 1e-5) if dtype == np.float32 else (1e-13, 1e-13)
-    y = cpu.direct_conv2d_forward(x, w, b, pad)
-    assert y.dtype == dtype
-    np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=rtol, atol=atol)
+    for N, C, H, W, F, pad in [(5, 1, 28, 28, 4, 0), (3, 5, 7, 9, 3, 1), (4, 3, 5, 6, 2, 2), (2, 1, 3, 3, 2, 0),
+                               (0, 2, 5, 5, 2, 1)]:
+        for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-13)):
+            x, w, b = _winograd_case(N, C, H, W, F, dtype)
+            y = cpu.direct_conv2d_forward(x, w, b, pad)
+            assert y.dtype == dtype
+            np.testing.assert_allclose(y, reference.conv2d_forward(x, w, b, 1, pad), rtol=tol, atol=tol,
+                                       err_msg=f"{(N, C, H, W, F, pad)}, {np.dtype(dtype).name}")
 
 
 def test_winograd_chunks_of_images_give_the_same_result(monkeypatch):
