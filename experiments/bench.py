@@ -42,6 +42,7 @@ Usage::
     python experiments/bench.py                   # both libraries, print a table
     python experiments/bench.py --out bench.json  # also write the figures as JSON
     python experiments/bench.py --no-torch --repeats 5
+    python experiments/bench.py --rounds 5           # more rounds: the ratio's spread over time
     python experiments/bench.py --threads 1       # one core each: compare the work, not the scheduling
     python experiments/bench.py --device gpu      # scratchnet on CuPy against PyTorch on CUDA
 

@@ -14,9 +14,9 @@ work on one image, or a few, at a time in each thread, with buffers that stay
 in its core's cache, and never build the batch's whole im2col matrix (85 MB
 for the Papernot network's second convolution at batch 128), whose trips to
 main memory cost more than the arithmetic. 3x3 filters at stride 1 go to
-Winograd F(2x2, 3x3) (see its section), which needs 2.25x fewer
-multiplications, and, on one or two input channels, forward to direct loops;
-other shapes to im2col, one image per thread. There is no
+Winograd F(2x2, 3x3) on 16 input channels or more (see its section), which
+needs 2.25x fewer multiplications, and, for the forward pass, to direct
+loops on one or two; other shapes to im2col, one image per thread. There is no
 batch im2col / col2im here: the registry hands out the reference's.
 
 Threads: Numba's thread pool is the only one that runs in parallel. Importing
@@ -935,9 +935,11 @@ def _direct_applies(W, stride):
 @njit(cache=True, inline="always")
 def _taps(s, r0, r1, r2, k0, k1, k2, k3, k4, k5, k6, k7, k8):
     """The nine products of one 3x3 window whose three rows start at s[r0], s[r1], s[r2]."""
-    one, two = np.uint64(1), np.uint64(2)    # unsigned, as the offsets: an int64 1 added to
-    return (k0 * s[r0] + k1 * s[r0 + one] + k2 * s[r0 + two]      # them would make a float64
-            + k3 * s[r1] + k4 * s[r1 + one] + k5 * s[r1 + two]    # index, and the loop 4x slower
+    # unsigned, as the offsets: a plain 1 added to them makes the index a signed int64, whose
+    # negative-index check keeps the loop from being vectorised (4x slower; see _copy)
+    one, two = np.uint64(1), np.uint64(2)
+    return (k0 * s[r0] + k1 * s[r0 + one] + k2 * s[r0 + two]
+            + k3 * s[r1] + k4 * s[r1 + one] + k5 * s[r1 + two]
             + k6 * s[r2] + k7 * s[r2 + one] + k8 * s[r2 + two])
 
 
